@@ -1,0 +1,367 @@
+"""``LoopedActivationCache``: TransformerLens's ``ActivationCache`` with exact attribution.
+
+In a plain pre-norm transformer the residual stream is the sum of the embedding and every
+sublayer output, which is what ``ActivationCache.decompose_resid`` / ``stack_head_results``
+stack. In looped models it is not: Huginn normalises the stream after every residual add, Ouro
+normalises the state between steps, Huginn's adapter mixes ``concat(state, prelude_out)``.
+Each of those maps is *linear once the norm's scale is fixed*, so with the cached
+``hook_scale`` values every component's contribution can be carried forward exactly. This
+module replays the forward pass (in the schedule's order) on stacks of components; the rows of
+the result sum to the residual stream at the requested layer, up to float rounding.
+
+Components: ``embed``, ``init_state`` (random initial state), ``inner_init`` (HRM),
+``{i}_attn_out`` and ``{i}_mlp_out`` (or ``L{i}H{h}`` per head), and ``bias`` (every constant:
+norm and projection biases), carried through everything that follows them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from transformer_lens import ActivationCache
+from transformer_lens.utilities import Slice
+
+from tl_loop.errors import UnsupportedError
+from tl_loop.schedule import Schedule
+
+
+class ModelAtSteps:
+    """The model as it runs at a fixed number of steps (what a cache is bound to).
+
+    Delegates to the model but answers ``cfg``, ``blocks``, ``loops`` and ``schedule`` for its
+    own depth, so a cache stays valid after ``model.set_n_steps`` changes the default.
+    """
+
+    def __init__(self, model: Any, n_steps: int) -> None:
+        self.model = model
+        self.n_steps = n_steps
+        views = model._views_for(n_steps)
+        self.blocks, self.loops, self.schedule = views.blocks, views.loops, views.schedule
+        self.cfg = model.cfg.with_steps(n_steps)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    # Members of TransformerLens's model protocols, defined explicitly so structural checks pass.
+    @property
+    def ln_final(self) -> Any:
+        return self.model.ln_final
+
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("n_steps", self.n_steps)
+        return self.model.run_with_cache(*args, **kwargs)
+
+    def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("n_steps", self.n_steps)
+        return self.model.run_with_hooks(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("n_steps", self.n_steps)
+        return self.model(*args, **kwargs)
+
+    def to_tokens(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.to_tokens(*args, **kwargs)
+
+    def to_single_token(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.to_single_token(*args, **kwargs)
+
+    def tokens_to_residual_directions(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.tokens_to_residual_directions(*args, **kwargs)
+
+    def accumulated_bias(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.model).accumulated_bias(self, *args, **kwargs)  # type: ignore[arg-type]
+
+
+class _Stream:
+    """A residual stream as ``rows`` (one per component) plus ``const`` (all biases)."""
+
+    def __init__(self, rows: torch.Tensor, const: torch.Tensor) -> None:
+        self.rows, self.const = rows, const
+
+    def clone(self) -> "_Stream":
+        return _Stream(self.rows.clone(), self.const.clone())
+
+    def map(self, fn: Any) -> "_Stream":
+        return _Stream(fn(self.rows), fn(self.const))
+
+    def __add__(self, other: "_Stream") -> "_Stream":
+        return _Stream(self.rows + other.rows, self.const + other.const)
+
+
+class _Replay:
+    """Carries components through the forward pass, reading every scale from the cache."""
+
+    def __init__(self, cache: "LoopedActivationCache", mode: Literal["layers", "heads"], pos_slice: Slice) -> None:
+        self.cache, self.mode, self.pos_slice = cache, mode, pos_slice
+        self.model = cache.model
+        self.cfg = self.model.cfg
+        self.schedule: Schedule = self.model.schedule
+
+    def get(self, name: str, pos_dim: int = -2) -> torch.Tensor:
+        try:
+            t = self.cache.cache_dict[name]
+        except KeyError:
+            raise KeyError(
+                f"exact attribution needs {name!r} in the cache: run run_with_cache without a "
+                "names_filter, or with names_filter=tl_loop.attribution_names_filter"
+            ) from None
+        return self.pos_slice.apply(t, dim=pos_dim)
+
+    def labels_until(self, layer: int, mlp_input: bool) -> list[str]:
+        labels = ["embed"]
+        if self.cfg.state_init == "random" and self.schedule.n_steps > 0:
+            labels.append("init_state")
+        if self.cfg.inner_cycles and self.cfg.inner_state_init == "learned":
+            labels.append("inner_init")
+        for i in range(layer + (1 if mlp_input else 0)):
+            if self.mode == "heads":
+                labels += [f"L{i}H{h}" for h in range(self.cfg.n_heads)]
+            else:
+                labels.append(f"{i}_attn_out")
+            if i < layer:
+                labels.append(f"{i}_mlp_out")
+        return labels
+
+    @torch.no_grad()
+    def run(self, layer: int, mlp_input: bool) -> tuple[torch.Tensor, list[str]]:
+        cfg, blocks = self.cfg, self.model.blocks
+        labels = self.labels_until(layer, mlp_input)
+        row = {label: k for k, label in enumerate(labels)}
+        embed = self.get("hook_embed")
+        zeros_rows = embed.new_zeros((len(labels), *embed.shape))
+
+        def fresh(label: str | None = None, value: torch.Tensor | None = None) -> _Stream:
+            s = _Stream(zeros_rows.clone(), torch.zeros_like(embed))
+            if label is not None:
+                s.rows[row[label]] = value
+            return s
+
+        def norm(stream: _Stream, view: Any, scale_name: str) -> _Stream:
+            scale = self.get(scale_name)
+            out = stream.map(lambda x: view.apply_fixed_scale(x, scale))
+            if view.b is not None:
+                out.const = out.const + view.b
+            return out
+
+        i = 0
+        done = False
+
+        def run_blocks(stream: _Stream, count: int) -> _Stream:
+            nonlocal i, done
+            for _ in range(count):
+                if done:
+                    return stream
+                if i == layer and not mlp_input:
+                    done = True
+                    return stream
+                stream = self.block(stream, i, blocks[i], row, norm)
+                if i == layer:  # mlp_input: stopped after the attention half
+                    done = True
+                    return stream
+                i += 1
+            return stream
+
+        resid = run_blocks(fresh("embed", embed), cfg.n_prelude_layers)
+        if not done and len(self.model.loops):
+            prelude_out = resid
+            kind = cfg.state_init
+            if kind == "zeros":
+                state = fresh()
+            elif kind == "prelude":
+                state = prelude_out.clone()
+            else:
+                state = fresh("init_state", self.get("loops.0.hook_state_in"))
+            inner = None
+            if cfg.inner_cycles:
+                inner = fresh("inner_init", self.get("loops.0.inner.0.hook_state_in")) if "inner_init" in row else fresh()
+            adapter = self.model.adapter
+            for step in self.model.loops:
+                r = step.step
+                source = prelude_out
+                for c in range(cfg.inner_cycles):
+                    assert inner is not None
+                    x = run_blocks(inner + state, cfg.n_inner_layers)
+                    if done:
+                        return self.finish(x, labels)
+                    inner = norm(x, step.inner[c].ln_state, f"loops.{r}.inner.{c}.ln_state.hook_scale") if cfg.inner_norm else x
+                    source = inner
+                injection = "add" if cfg.inner_cycles else cfg.injection
+                if injection == "add":
+                    x = state + source
+                elif injection == "linear":
+                    w_state, w_source = adapter.split()
+                    x = state.map(lambda t: t @ w_state.T.to(t.dtype)) + source.map(lambda t: t @ w_source.T.to(t.dtype))
+                    if adapter.bias is not None:
+                        x.const = x.const + adapter.bias
+                else:
+                    x = state
+                x = run_blocks(x, cfg.n_core_layers)
+                if done:
+                    return self.finish(x, labels)
+                if "ln_state" in step._modules:
+                    x = norm(x, step.ln_state, f"loops.{r}.ln_state.hook_scale")
+                state = x
+            if cfg.norm_after_loop:
+                state = norm(state, self.model.ln_loop_out, "ln_loop_out.hook_scale")
+            resid = state
+        resid = run_blocks(resid, cfg.n_coda_layers)
+        return self.finish(resid, labels)
+
+    def block(self, stream: _Stream, i: int, block: Any, row: dict[str, int], norm: Any) -> _Stream:
+        cfg = self.cfg
+        if self.mode == "heads":
+            result = self.cache._head_result(i)
+            result = self.pos_slice.apply(result, dim=-3)  # [..., pos, head, d_model]
+            b_o = block.attn.b_O
+            if cfg.output_norm:
+                scale = self.get(f"blocks.{i}.ln1_post.hook_scale")[..., None, :]  # broadcast heads
+                result = block.ln1_post.apply_fixed_scale(result, scale)
+                b_o = block.ln1_post.apply_fixed_scale(b_o.expand_as(stream.const), self.get(f"blocks.{i}.ln1_post.hook_scale"))
+                if block.ln1_post.b is not None:
+                    b_o = b_o + block.ln1_post.b
+            for h in range(cfg.n_heads):
+                stream.rows[row[f"L{i}H{h}"]] += result[..., h, :]
+            stream.const = stream.const + b_o
+        else:
+            stream.rows[row[f"{i}_attn_out"]] += self.get(f"blocks.{i}.hook_attn_out")
+        if cfg.resid_norm:
+            stream = norm(stream, block.ln_resid_mid, f"blocks.{i}.ln_resid_mid.hook_scale")
+        label = f"{i}_mlp_out"
+        if label not in row:  # mlp_input target: stop after the attention half
+            return stream
+        stream.rows[row[label]] += self.get(f"blocks.{i}.hook_mlp_out")
+        if cfg.resid_norm:
+            stream = norm(stream, block.ln_resid_post, f"blocks.{i}.ln_resid_post.hook_scale")
+        return stream
+
+    def finish(self, stream: _Stream, labels: list[str]) -> tuple[torch.Tensor, list[str]]:
+        rows = stream.rows
+        if bool(stream.const.ne(0).any()):
+            rows = torch.cat([rows, stream.const[None]], dim=0)
+            labels = labels + ["bias"]
+        return rows, labels
+
+
+class LoopedActivationCache(ActivationCache):
+    """An ``ActivationCache`` bound to a looped model at the depth it ran at.
+
+    Everything of ``ActivationCache`` works over the full effective depth. ``decompose_resid``
+    and ``stack_head_results`` are exact for every layout (see the module docstring), so
+    ``cache.logit_attrs(...)`` of all components sums to the logit (difference).
+    """
+
+    def __init__(self, cache_dict: dict[str, torch.Tensor], model: Any, n_steps: int | None = None, has_batch_dim: bool = True) -> None:
+        if not isinstance(model, ModelAtSteps):
+            model = ModelAtSteps(model, model.cfg.n_steps if n_steps is None else n_steps)
+        super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.model.schedule
+
+    def __repr__(self) -> str:
+        return f"LoopedActivationCache(n_steps={self.model.n_steps}, {len(self)} activations)"
+
+    def stack_loop(self, name: str, steps: Any = None) -> Float[torch.Tensor, "step layer_in_cycle ..."]:
+        """``blocks.{i}.{name}`` of every loop layer as ``[step, layer_in_cycle, ...]``."""
+        return self.schedule.stack_activation(self.cache_dict, name, steps)
+
+    def apply_slice_to_batch_dim(self, batch_slice: Any) -> "LoopedActivationCache":
+        sliced = super().apply_slice_to_batch_dim(batch_slice)
+        return LoopedActivationCache(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)
+
+    def _head_result(self, layer: int) -> torch.Tensor:
+        """Per-head output ``z_h @ W_O[h]`` (before any output norm) ``[..., pos, head, d_model]``."""
+        cached = self.cache_dict.get(f"blocks.{layer}.attn.hook_result")
+        if cached is not None:
+            return cached
+        z = self.cache_dict.get(f"blocks.{layer}.attn.hook_z")
+        if z is None:
+            raise KeyError(f"per-head attribution needs blocks.{layer}.attn.hook_z (or hook_result) in the cache")
+        W_O = self.model.blocks[layer].attn.W_O
+        return torch.einsum("...hd,hdm->...hm", z, W_O.to(z.dtype))
+
+    def _resolve_layer(self, layer: int | None) -> int:
+        n = self.model.cfg.n_layers
+        if layer is None or layer == -1:
+            return n
+        if not 0 <= layer <= n:
+            raise IndexError(f"layer {layer} out of range [0, {n}]")
+        return layer
+
+    def decompose_resid(  # type: ignore[override]
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        mode: Literal["all", "mlp", "attn"] = "all",
+        apply_ln: bool = False,
+        pos_slice: Any = None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+    ) -> Any:
+        """Exact decomposition of the residual stream entering ``layer`` (TransformerLens
+        signature). Rows: ``embed``, ``init_state``/``inner_init`` where present, ``{i}_attn_out``,
+        ``{i}_mlp_out``, ``bias``: each the component's contribution *after* every norm scale,
+        adapter and injection between it and ``layer``; they sum to ``resid_pre`` (or
+        ``resid_mid`` with ``mlp_input``)."""
+        layer = self._resolve_layer(layer)
+        pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        rows, labels = _Replay(self, "layers", pos_slice).run(layer, mlp_input)
+        keep = [
+            k for k, label in enumerate(labels)
+            if not (mode == "mlp" and label.endswith("_attn_out"))
+            and not (mode == "attn" and label.endswith("_mlp_out"))
+            and (incl_embeds or label not in ("embed", "init_state", "inner_init"))
+        ]
+        rows, labels = rows[keep], [labels[k] for k in keep]
+        if apply_ln:
+            rows = self.apply_ln_to_stack(rows, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+        return (rows, labels) if return_labels else rows
+
+    def stack_head_results(  # type: ignore[override]
+        self,
+        layer: int = -1,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        pos_slice: Any = None,
+        apply_ln: bool = False,
+    ) -> Any:
+        """Exact per-head contributions (``L{i}H{h}``) of every layer before ``layer`` to the
+        residual stream entering ``layer``; ``incl_remainder`` adds the rest of the stream."""
+        layer = self._resolve_layer(layer)
+        pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        rows, labels = _Replay(self, "heads", pos_slice).run(layer, mlp_input=False)
+        keep = [k for k, label in enumerate(labels) if label.startswith("L") and "H" in label]
+        heads, head_labels = rows[keep], [labels[k] for k in keep]
+        if incl_remainder:
+            total = rows.sum(0)
+            heads = torch.cat([heads, (total - heads.sum(0))[None]], dim=0)
+            head_labels = head_labels + ["remainder"]
+        if apply_ln:
+            heads = self.apply_ln_to_stack(heads, layer, pos_slice=pos_slice)
+        return (heads, head_labels) if return_labels else heads
+
+    def get_full_resid_decomposition(self, *args: Any, **kwargs: Any) -> Any:
+        cfg = self.model.cfg
+        plain_sum = not (cfg.resid_norm or cfg.output_norm or cfg.has_loop_norm or cfg.injection == "linear"
+                         or cfg.inner_cycles or cfg.state_init == "random")
+        if not plain_sum:
+            raise UnsupportedError(
+                "get_full_resid_decomposition assumes the residual stream is a plain sum of "
+                "components, which this looped layout's norms/injection break; use the exact "
+                "decompose_resid() or stack_head_results() instead"
+            )
+        return super().get_full_resid_decomposition(*args, **kwargs)
+
+
+def attribution_names_filter(name: str) -> bool:
+    """``names_filter`` caching exactly what exact attribution reads (embeddings, sublayer
+    outputs, ``hook_z``, norm scales, initial states)."""
+    return (
+        name == "hook_embed"
+        or name.endswith(("hook_attn_out", "hook_mlp_out", "attn.hook_z", "hook_scale", "hook_result"))
+        or name.endswith("hook_resid_pre") or name.endswith("hook_resid_post")
+        or name in ("loops.0.hook_state_in", "loops.0.inner.0.hook_state_in")
+    )

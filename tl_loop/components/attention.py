@@ -1,0 +1,198 @@
+"""Causal self-attention with GQA, fused or split QKV, q/k bias, q/k norm, RoPE and an output gate.
+
+Hook points of one application (TransformerLens names)::
+
+    hook_q, hook_rot_q      [batch, pos, head, d_head]      before / after RoPE
+    hook_k, hook_rot_k      [batch, pos, kv_head, d_head]
+    hook_v                  [batch, pos, kv_head, d_head]
+    hook_attn_scores        [batch, head, query_pos, key_pos]   scaled, causally masked (-inf)
+    hook_pattern            [batch, head, query_pos, key_pos]
+    hook_gate               [batch, pos, head, d_head]      sigmoid output gate (HRM only)
+    hook_z                  [batch, pos, head, d_head]      gated where the family gates
+    hook_result             [batch, pos, head, d_model]     only with cfg.use_attn_result
+
+When nothing is attached to ``hook_attn_scores`` or ``hook_pattern`` the pattern is never
+materialised and PyTorch's fused scaled-dot-product attention runs instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import einops
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jaxtyping import Float
+from transformer_lens.hook_points import HookPoint
+
+from tl_loop.components.base import WeightView, has_hooks
+from tl_loop.components.norm import HookedNorm, NormWeights
+from tl_loop.components.rotary import apply_rotary
+from tl_loop.config import LoopedConfig
+
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class AttentionWeights(nn.Module):
+    """Projection weights of one attention layer, stored in ``[out, in]`` (``nn.Linear``) layout."""
+
+    def __init__(self, cfg: LoopedConfig) -> None:
+        super().__init__()
+        assert cfg.n_key_value_heads is not None
+        d, q_dim = cfg.d_model, cfg.n_heads * cfg.d_head
+        kv_dim = cfg.n_key_value_heads * cfg.d_head
+        self.q_dim, self.kv_dim = q_dim, kv_dim
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, dtype=cfg.dtype))
+
+        if cfg.qkv_layout == "fused":
+            self.w_qkv = param(q_dim + 2 * kv_dim, d)
+        else:
+            self.w_q, self.w_k, self.w_v = param(q_dim, d), param(kv_dim, d), param(kv_dim, d)
+        self.b_q = param(q_dim) if cfg.qk_bias else None
+        self.b_k = param(kv_dim) if cfg.qk_bias else None
+        self.b_v = param(kv_dim) if cfg.v_bias else None
+        self.w_o = param(d, q_dim)
+        self.b_o = param(d) if cfg.o_bias else None
+        self.w_gate = param(q_dim, d) if cfg.attn_output_gate else None
+        self.q_norm = NormWeights(q_dim, cfg.norm_type, cfg.dtype) if cfg.qk_norm and cfg.norm_weights else None
+        self.k_norm = NormWeights(kv_dim, cfg.norm_type, cfg.dtype) if cfg.qk_norm and cfg.norm_weights else None
+
+    def qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w_q, w_k, w_v)`` in ``[out, in]`` layout (views of the fused matrix where fused)."""
+        if hasattr(self, "w_qkv"):
+            return tuple(self.w_qkv.split([self.q_dim, self.kv_dim, self.kv_dim], dim=0))  # type: ignore[return-value]
+        return self.w_q, self.w_k, self.w_v
+
+
+class HookedAttention(WeightView):
+    """One effective layer's attention: hook points here, weights in an ``AttentionWeights``."""
+
+    weights: AttentionWeights
+
+    def __init__(self, weights: AttentionWeights, cfg: LoopedConfig) -> None:
+        super().__init__(weights)
+        self.cfg = cfg
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_rot_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_rot_k = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
+        if cfg.attn_output_gate:
+            self.hook_gate = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+        if cfg.use_attn_result:
+            self.hook_result = HookPoint()  # [batch, pos, head, d_model]
+        if cfg.qk_norm:
+            self.q_norm = HookedNorm(weights.q_norm, cfg.norm_type, cfg.eps)
+            self.k_norm = HookedNorm(weights.k_norm, cfg.norm_type, cfg.eps)
+
+    # ---- TransformerLens weight views ([head, d_model, d_head] etc.) ----
+    def _heads_in(self, w: torch.Tensor) -> torch.Tensor:
+        heads = einops.rearrange(w, "(h d_head) d_model -> h d_model d_head", d_head=self.cfg.d_head)
+        return heads.repeat_interleave(self.cfg.n_groups, dim=0) if heads.shape[0] != self.cfg.n_heads else heads
+
+    @property
+    def W_Q(self) -> Float[torch.Tensor, "head d_model d_head"]:
+        return self._heads_in(self.weights.qkv_weights()[0])
+
+    @property
+    def W_K(self) -> Float[torch.Tensor, "head d_model d_head"]:
+        return self._heads_in(self.weights.qkv_weights()[1])
+
+    @property
+    def W_V(self) -> Float[torch.Tensor, "head d_model d_head"]:
+        return self._heads_in(self.weights.qkv_weights()[2])
+
+    @property
+    def W_O(self) -> Float[torch.Tensor, "head d_head d_model"]:
+        return einops.rearrange(self.weights.w_o, "d_model (h d_head) -> h d_head d_model", d_head=self.cfg.d_head)
+
+    def _bias(self, b: torch.Tensor | None, n: int) -> torch.Tensor:
+        if b is None:
+            return torch.zeros(self.cfg.n_heads, self.cfg.d_head, dtype=self.weights.w_o.dtype, device=self.weights.w_o.device)
+        return b.view(n, self.cfg.d_head).repeat_interleave(self.cfg.n_heads // n, dim=0)
+
+    @property
+    def b_Q(self) -> Float[torch.Tensor, "head d_head"]:
+        return self._bias(self.weights.b_q, self.cfg.n_heads)
+
+    @property
+    def b_K(self) -> Float[torch.Tensor, "head d_head"]:
+        return self._bias(self.weights.b_k, self.cfg.n_key_value_heads)  # type: ignore[arg-type]
+
+    @property
+    def b_V(self) -> Float[torch.Tensor, "head d_head"]:
+        return self._bias(self.weights.b_v, self.cfg.n_key_value_heads)  # type: ignore[arg-type]
+
+    @property
+    def b_O(self) -> Float[torch.Tensor, "d_model"]:
+        w = self.weights
+        return w.b_o if w.b_o is not None else torch.zeros(self.cfg.d_model, dtype=w.w_o.dtype, device=w.w_o.device)
+
+    # ---- forward ----
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w = self.weights
+        if hasattr(w, "w_qkv"):
+            q, k, v = F.linear(x, w.w_qkv).split([w.q_dim, w.kv_dim, w.kv_dim], dim=-1)
+        else:
+            q, k, v = F.linear(x, w.w_q), F.linear(x, w.w_k), F.linear(x, w.w_v)
+        if w.b_q is not None:
+            q, k = q + w.b_q, k + w.b_k
+        if w.b_v is not None:
+            v = v + w.b_v
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(
+        self,
+        x: Float[torch.Tensor, "batch pos d_model"],
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        cfg = self.cfg
+        batch, n_pos, _ = x.shape
+        q, k, v = self._project(x)
+        q = self.hook_q(q.view(batch, n_pos, cfg.n_heads, cfg.d_head))
+        k = self.hook_k(k.view(batch, n_pos, -1, cfg.d_head))
+        v = self.hook_v(v.view(batch, n_pos, -1, cfg.d_head))
+        if rotary is not None:
+            cos, sin = rotary
+            in_f32 = cfg.rope_in_float32
+            q = apply_rotary(q, cos, sin, cfg.rotary_layout, in_f32)
+            k = apply_rotary(k, cos, sin, cfg.rotary_layout, in_f32)
+        q, k = self.hook_rot_q(q), self.hook_rot_k(k)
+        scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.d_head)
+
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d]
+        if has_hooks(self.hook_attn_scores) or has_hooks(self.hook_pattern):
+            kh_full = kh.repeat_interleave(cfg.n_groups, dim=1) if cfg.n_groups > 1 else kh
+            vh_full = vh.repeat_interleave(cfg.n_groups, dim=1) if cfg.n_groups > 1 else vh
+            scores = torch.matmul(qh, kh_full.transpose(-1, -2)) * scale
+            mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
+            scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
+            pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+            zh = torch.matmul(pattern, vh_full)
+        elif cfg.n_groups > 1 and not _SDPA_HAS_GQA:
+            rep = cfg.n_groups
+            zh = F.scaled_dot_product_attention(
+                qh, kh.repeat_interleave(rep, 1), vh.repeat_interleave(rep, 1), is_causal=True, scale=scale
+            )
+        else:
+            extra = {"enable_gqa": True} if cfg.n_groups > 1 else {}
+            zh = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, **extra)
+        z = zh.transpose(1, 2)  # [batch, pos, head, d_head]
+        if cfg.attn_output_gate:
+            assert self.weights.w_gate is not None
+            gate = torch.sigmoid(F.linear(x, self.weights.w_gate).view(batch, n_pos, cfg.n_heads, cfg.d_head))
+            z = self.hook_gate(gate) * z
+        z = self.hook_z(z)
+        if cfg.use_attn_result:
+            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            out = result.sum(dim=-2)
+            return out + self.weights.b_o if self.weights.b_o is not None else out
+        return F.linear(z.reshape(batch, n_pos, cfg.n_heads * cfg.d_head), self.weights.w_o, self.weights.b_o)

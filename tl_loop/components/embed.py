@@ -1,0 +1,59 @@
+"""Token embedding, unembedding, the input adapter and the exit gate (plain weight holders)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+
+from tl_loop.config import LoopedConfig
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: LoopedConfig) -> None:
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))  # [d_vocab, d_model]
+
+    def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        return F.embedding(tokens, self.W_E)
+
+
+class Unembedding(nn.Module):
+    """Untied unembedding, ``[d_vocab, d_model]`` (``nn.Linear`` layout, as ``lm_head.weight``)."""
+
+    def __init__(self, cfg: LoopedConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
+        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype)) if cfg.unembed_bias else None
+
+
+class Adapter(nn.Module):
+    """Linear input injection: ``W [d_model, 2 d_model]`` applied to ``concat(state, source)``."""
+
+    def __init__(self, cfg: LoopedConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.d_model, 2 * cfg.d_model, dtype=cfg.dtype))
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype)) if cfg.adapter_bias else None
+
+    def forward(
+        self, state: Float[torch.Tensor, "... d_model"], source: Float[torch.Tensor, "... d_model"]
+    ) -> Float[torch.Tensor, "... d_model"]:
+        return F.linear(torch.cat([state, source], dim=-1), self.weight, self.bias)
+
+    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_state, W_source)``, each ``[d_model, d_model]``: the adapter is their sum."""
+        d = self.weight.shape[0]
+        return self.weight[:, :d], self.weight[:, d:]
+
+
+class ExitGate(nn.Module):
+    """Ouro's early-exit gate: ``Linear(d_model -> 1)`` on the normed state after each step."""
+
+    def __init__(self, cfg: LoopedConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, cfg.d_model, dtype=cfg.dtype))
+        self.bias = nn.Parameter(torch.zeros(1, dtype=cfg.dtype))
+
+    def forward(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... 1"]:
+        return F.linear(x, self.weight, self.bias)

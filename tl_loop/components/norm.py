@@ -1,0 +1,71 @@
+"""Normalisation: RMSNorm / LayerNorm, with or without learned weights.
+
+Hook points (shapes for a ``[batch, pos, d]`` input)::
+
+    hook_scale       [batch, pos, 1]   sqrt(mean(x^2) + eps) (RMS) or sqrt(var(x) + eps) (LN)
+    hook_normalized  [batch, pos, d]   the norm's output (weight and bias applied)
+
+Numerics follow the reference implementations: statistics in float32, the normalised value cast
+back to the input dtype, *then* multiplied by the weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from jaxtyping import Float
+from transformer_lens.hook_points import HookPoint
+
+from tl_loop.components.base import WeightView
+
+
+class NormWeights(nn.Module):
+    """Learned weight (and LayerNorm bias) of one norm."""
+
+    def __init__(self, d: int, norm_type: str, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(d, dtype=dtype))
+        self.b = nn.Parameter(torch.zeros(d, dtype=dtype)) if norm_type == "LN" else None
+
+
+class HookedNorm(WeightView):
+    """One application of a norm. ``weights=None`` gives a parameter-free norm."""
+
+    def __init__(self, weights: NormWeights | None, norm_type: str, eps: float) -> None:
+        super().__init__(weights)
+        self.norm_type = norm_type
+        self.eps = eps
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d]
+
+    @property
+    def w(self) -> torch.Tensor | None:
+        return None if self.weights is None else self.weights.w
+
+    @property
+    def b(self) -> torch.Tensor | None:
+        return None if self.weights is None else self.weights.b
+
+    def forward(self, x: Float[torch.Tensor, "... d"]) -> Float[torch.Tensor, "... d"]:
+        xf = x.float()
+        if self.norm_type == "LN":
+            xf = xf - xf.mean(-1, keepdim=True)
+        scale = self.hook_scale((xf.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        y = (xf / scale).to(x.dtype)
+        if self.weights is not None:
+            y = y * self.weights.w
+            if self.weights.b is not None:
+                y = y + self.weights.b
+        return self.hook_normalized(y)
+
+    def apply_fixed_scale(
+        self, x: Float[torch.Tensor, "... d"], scale: Float[torch.Tensor, "... 1"]
+    ) -> Float[torch.Tensor, "... d"]:
+        """The norm's *linear part* with a given (cached) scale: no bias, no new statistics.
+
+        Used to propagate residual-stream components exactly through a norm.
+        """
+        if self.norm_type == "LN":
+            x = x - x.mean(-1, keepdim=True)
+        y = x / scale.to(x.dtype)
+        return y * self.weights.w if self.weights is not None else y

@@ -1,0 +1,79 @@
+"""Rotary position embeddings in both layouts used by looped LMs.
+
+* ``"half"`` (Llama, Ouro, HRM, OLMo-2): dimension ``d`` pairs with ``d + rot/2``
+  (``rotate_half``); cos/sin are cast to the model dtype unless ``rope_in_float32``.
+* ``"interleaved"`` (Huginn): adjacent dimensions ``(2i, 2i+1)`` form a pair, the rotation is
+  computed in float32 and cast back (``rope_in_float32`` is implied).
+
+``rope_scaling`` follows Hugging Face (``rope_type`` ``default``, ``linear`` or ``llama3``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+
+def rotary_inv_freq(
+    rot_dim: int, base: float, scaling: dict[str, Any] | None = None
+) -> Float[torch.Tensor, "half_rot"]:
+    """Inverse frequencies in float32, with Hugging Face's rope scaling applied."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if scaling is None or rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])
+    if rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(
+        f"rope_scaling type {rope_type!r} is not supported (supported: default, linear, llama3)"
+    )
+
+
+def rotary_cos_sin(
+    n_pos: int, inv_freq: torch.Tensor, device: torch.device | str | None = None
+) -> tuple[Float[torch.Tensor, "pos half_rot"], Float[torch.Tensor, "pos half_rot"]]:
+    """float32 cos and sin of ``position * inv_freq``."""
+    pos = torch.arange(n_pos, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq.to(device=device, dtype=torch.float32))
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(
+    x: Float[torch.Tensor, "batch pos head d_head"],
+    cos: Float[torch.Tensor, "pos half_rot"],
+    sin: Float[torch.Tensor, "pos half_rot"],
+    layout: str,
+    in_float32: bool,
+) -> Float[torch.Tensor, "batch pos head d_head"]:
+    """Rotate the first ``2 * half_rot`` dimensions of every head of ``x``."""
+    rot = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    if layout == "interleaved":
+        pairs = x_rot.float().unflatten(-1, (-1, 2))
+        p0, p1 = pairs[..., 0], pairs[..., 1]
+        out = torch.stack([p0 * cos - p1 * sin, p1 * cos + p0 * sin], dim=-1).flatten(-2)
+        out = out.to(x.dtype)
+    else:
+        work_dtype = torch.float32 if in_float32 else x.dtype
+        xr = x_rot.to(work_dtype)
+        cos2 = torch.cat([cos, cos], dim=-1).to(work_dtype)
+        sin2 = torch.cat([sin, sin], dim=-1).to(work_dtype)
+        half = rot // 2
+        rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+        out = (xr * cos2 + rotated * sin2).to(x.dtype)
+    return out if x_pass.shape[-1] == 0 else torch.cat([out, x_pass], dim=-1)

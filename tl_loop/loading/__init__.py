@@ -1,0 +1,99 @@
+"""Loading and saving real looped checkpoints (Hugging Face layout), one module per family.
+
+>>> from tl_loop import HookedLoopedTransformer
+>>> model = HookedLoopedTransformer.from_pretrained("path/to/huginn-0125")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_loop.errors import CheckpointError
+from tl_loop.loading.files import load_tokenizer, read_config, read_tensors, resolve_checkpoint
+from tl_loop.loading.registry import Family, detect_family, families, get_family, register_family
+from tl_loop.loading.strict import StrictTensors, load_into
+
+__all__ = [
+    "load_pretrained",
+    "save_pretrained",
+    "Family",
+    "register_family",
+    "get_family",
+    "detect_family",
+    "families",
+    "StrictTensors",
+]
+
+
+def _parse_dtype(dtype: Any, stored: torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if dtype == "stored":
+        return stored or torch.float32
+    if isinstance(dtype, str):
+        value = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(value, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+        return value
+    return dtype
+
+
+def load_pretrained(
+    name_or_path: str | Path,
+    *,
+    family: str | None = None,
+    n_steps: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    **options: Any,
+):
+    """Load a checkpoint folder (or Hub id) as a ``HookedLoopedTransformer``.
+
+    Args:
+        family: force a family instead of detecting it from ``config.json`` and the tensors.
+        n_steps: default number of recurrent steps (else the checkpoint's own default).
+        dtype: compute dtype; default float32, ``"stored"`` keeps the checkpoint's dtype.
+        allow_pickle: accept a ``.bin`` pickle checkpoint (loaded with ``weights_only=True``).
+        options: family-specific options (e.g. ``layout=`` for looping a feedforward model).
+    """
+    from tl_loop.model import HookedLoopedTransformer
+
+    folder = resolve_checkpoint(name_or_path, revision)
+    config_json = read_config(folder)
+    tensors = read_tensors(folder, allow_pickle=allow_pickle)
+    fam = get_family(family) if family is not None else detect_family(config_json, set(tensors))
+    cfg = fam.to_config(config_json, set(tensors), **options)
+    stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+    cfg.dtype = _parse_dtype(dtype, stored)
+    cfg.device = str(device) if device is not None else "cpu"
+    strict = StrictTensors(tensors)
+    state_dict = fam.convert(strict, cfg)
+    strict.finish()
+    model = HookedLoopedTransformer(cfg, tokenizer=load_tokenizer(folder), init_weights=False)
+    load_into(model, {k: v.to(cfg.dtype) if v.is_floating_point() else v for k, v in state_dict.items()})
+    if n_steps is not None:
+        model.set_n_steps(n_steps)
+    return model.to(cfg.device)
+
+
+def save_pretrained(model: Any, folder: str | Path, family: str | None = None) -> Path:
+    """Write ``model`` in its family's own format (``config.json`` + ``model.safetensors``)."""
+    from safetensors.torch import save_file
+
+    fam = get_family(family or model.cfg.family)
+    if fam.export is None:
+        raise CheckpointError(f"family {fam.name!r} cannot be saved")
+    config_json, tensors = fam.export(model)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
+    save_file({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    if getattr(model, "tokenizer", None) is not None and hasattr(model.tokenizer, "save_pretrained"):
+        model.tokenizer.save_pretrained(str(folder))
+    return folder

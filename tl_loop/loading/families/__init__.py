@@ -1,0 +1,1 @@
+"""Built-in checkpoint families; importing a module registers its family."""
