@@ -506,6 +506,26 @@ class HookedLoopedTransformer(HookedRootModule):
         and ln_final (Ouro: the final norm *is* the last step's state norm)."""
         return self.cfg.n_coda_layers == 0 and not self.cfg.norm_after_loop
 
+    # ------------------------------------------------------------------ per-step read-outs
+    def step_logits(self, tokens: Any, **forward_kwargs: Any) -> Float[torch.Tensor, "step batch pos d_vocab"]:
+        """Logits if the model left the loop after each step ``[n_steps, batch, pos, d_vocab]``
+        (Huginn: final norm, coda and head on each step's state; Ouro: head on the normed state)."""
+        from tl_loop.readout import step_logits
+
+        return step_logits(self, tokens, **forward_kwargs)
+
+    def exit_probabilities(self, tokens: Any, **forward_kwargs: Any) -> Float[torch.Tensor, "step batch pos"]:
+        """Ouro: probability of exiting after each step ``[n_steps, batch, pos]``."""
+        from tl_loop.readout import exit_probabilities
+
+        return exit_probabilities(self, tokens, **forward_kwargs)
+
+    def threshold_exit_logits(self, tokens: Any, threshold: float | None = None, **forward_kwargs: Any) -> Any:
+        """Ouro's threshold exit: ``(logits [batch, pos, d_vocab], exit_step [batch, pos])``."""
+        from tl_loop.readout import threshold_exit_logits
+
+        return threshold_exit_logits(self, tokens, threshold, **forward_kwargs)
+
     def unembed_residual(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
         """Logits from the output of ``ln_final``."""
         b = self.unembed.b_U if self.unembed is not None else None
