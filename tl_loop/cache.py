@@ -9,9 +9,9 @@ Each of those maps is *linear once the norm's scale is fixed*, so with the cache
 module replays the forward pass (in the schedule's order) on stacks of components; the rows of
 the result sum to the residual stream at the requested layer, up to float rounding.
 
-Components: ``embed``, ``init_state`` (random initial state), ``inner_init`` (HRM),
-``{i}_attn_out`` and ``{i}_mlp_out`` (or ``L{i}H{h}`` per head), and ``bias`` (every constant:
-norm and projection biases), carried through everything that follows them.
+Components: ``embed``, ``pos_embed`` (learned positions), ``init_state`` (random initial
+state), ``inner_init`` (HRM), ``{i}_attn_out`` and ``{i}_mlp_out`` (or ``L{i}H{h}`` per head), and
+``bias`` (every constant: norm and projection biases), carried through everything that follows them.
 """
 
 from __future__ import annotations
@@ -111,9 +111,11 @@ class _Replay:
 
     def labels_until(self, layer: int, mlp_input: bool) -> list[str]:
         labels = ["embed"]
+        if self.cfg.positional_embedding_type == "standard":
+            labels.append("pos_embed")
         if self.cfg.state_init == "random" and self.schedule.n_steps > 0:
             labels.append("init_state")
-        if self.cfg.inner_cycles and self.cfg.inner_state_init == "learned":
+        if self.cfg.inner_cycles and self.cfg.inner_state_init == "learned" and self.schedule.n_steps > 0:
             labels.append("inner_init")
         for i in range(layer + (1 if mlp_input else 0)):
             if self.mode == "heads":
@@ -163,18 +165,26 @@ class _Replay:
                 i += 1
             return stream
 
-        resid = run_blocks(fresh("embed", embed), cfg.n_prelude_layers)
-        if not done and len(self.model.loops):
+        resid = fresh("embed", embed)
+        if "pos_embed" in row:
+            resid.rows[row["pos_embed"]] = self.get("hook_pos_embed")
+        resid = run_blocks(resid, cfg.n_prelude_layers)
+        if not done:  # also at n_steps=0: the coda then reads the (normed) initial state
             prelude_out = resid
             kind = cfg.state_init
             if kind == "zeros":
                 state = fresh()
             elif kind == "prelude":
                 state = prelude_out.clone()
-            else:
+            elif len(self.model.loops):
                 state = fresh("init_state", self.get("loops.0.hook_state_in"))
+            else:
+                raise UnsupportedError(
+                    "at n_steps=0 the random initial state goes straight past the loop and no hook "
+                    "point records it: exact attribution after the prelude needs n_steps >= 1"
+                )
             inner = None
-            if cfg.inner_cycles:
+            if cfg.inner_cycles and len(self.model.loops):
                 inner = fresh("inner_init", self.get("loops.0.inner.0.hook_state_in")) if "inner_init" in row else fresh()
             adapter = self.model.adapter
             for step in self.model.loops:
@@ -283,6 +293,47 @@ class LoopedActivationCache(ActivationCache):
         W_O = self.model.blocks[layer].attn.W_O
         return torch.einsum("...hd,hdm->...hm", z, W_O.to(z.dtype))
 
+    def _final_stream_name(self) -> str | None:
+        """The hook holding the stream ``ln_final`` reads, where it is not the last block's
+        ``hook_resid_post`` (TransformerLens's assumption); None where that assumption holds."""
+        cfg = self.model.cfg
+        if cfg.n_coda_layers:
+            return None
+        if cfg.norm_after_loop:  # the loop is last: ln_final reads the normed state
+            return "ln_loop_out.hook_normalized"
+        if self.schedule.n_steps == 0 and cfg.state_init != "prelude":
+            raise UnsupportedError(
+                f"at n_steps=0 with state_init={cfg.state_init!r} and no coda, ln_final reads the "
+                "initial state, which no hook point records; run with n_steps >= 1"
+            )
+        return None
+
+    def accumulated_resid(  # type: ignore[override]
+        self,
+        layer: int | None = None,
+        incl_mid: bool = False,
+        apply_ln: bool = False,
+        pos_slice: Any = None,
+        mlp_input: bool = False,
+        return_labels: bool = False,
+    ) -> Any:
+        """As TransformerLens; the ``final_post`` entry is the stream ``ln_final`` actually reads
+        (after the norm that follows the loop, where nothing but that norm comes after it)."""
+        resolved = self._resolve_layer(layer)
+        final = self._final_stream_name() if resolved == self.model.cfg.n_layers else None
+        if final is None:
+            return super().accumulated_resid(layer, incl_mid, apply_ln, pos_slice, mlp_input, return_labels)
+        pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        stack, labels = super().accumulated_resid(layer, incl_mid, False, pos_slice, mlp_input, True)
+        stack = stack.clone()
+        stack[-1] = pos_slice.apply(self[final], dim=-2)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(
+                stack, resolved, pos_slice=pos_slice, mlp_input=mlp_input,
+                has_batch_dim=self.has_batch_dim, recompute_ln=True,
+            )
+        return (stack, labels) if return_labels else stack
+
     def _resolve_layer(self, layer: int | None) -> int:
         n = self.model.cfg.n_layers
         if layer is None or layer == -1:
@@ -302,9 +353,9 @@ class LoopedActivationCache(ActivationCache):
         return_labels: bool = False,
     ) -> Any:
         """Exact decomposition of the residual stream entering ``layer`` (TransformerLens
-        signature). Rows: ``embed``, ``init_state``/``inner_init`` where present, ``{i}_attn_out``,
-        ``{i}_mlp_out``, ``bias``: each the component's contribution *after* every norm scale,
-        adapter and injection between it and ``layer``; they sum to ``resid_pre`` (or
+        signature). Rows: ``embed``, ``pos_embed``/``init_state``/``inner_init`` where present,
+        ``{i}_attn_out``, ``{i}_mlp_out``, ``bias``: each the component's contribution *after* every
+        norm scale, adapter and injection between it and ``layer``; they sum to ``resid_pre`` (or
         ``resid_mid`` with ``mlp_input``)."""
         layer = self._resolve_layer(layer)
         pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
@@ -313,7 +364,7 @@ class LoopedActivationCache(ActivationCache):
             k for k, label in enumerate(labels)
             if not (mode == "mlp" and label.endswith("_attn_out"))
             and not (mode == "attn" and label.endswith("_mlp_out"))
-            and (incl_embeds or label not in ("embed", "init_state", "inner_init"))
+            and (incl_embeds or label not in ("embed", "pos_embed", "init_state", "inner_init"))
         ]
         rows, labels = rows[keep], [labels[k] for k in keep]
         if apply_ln:
@@ -360,7 +411,7 @@ def attribution_names_filter(name: str) -> bool:
     """``names_filter`` caching exactly what exact attribution reads (embeddings, sublayer
     outputs, ``hook_z``, norm scales, initial states)."""
     return (
-        name == "hook_embed"
+        name in ("hook_embed", "hook_pos_embed")
         or name.endswith(("hook_attn_out", "hook_mlp_out", "attn.hook_z", "hook_scale", "hook_result"))
         or name.endswith("hook_resid_pre") or name.endswith("hook_resid_post")
         or name in ("loops.0.hook_state_in", "loops.0.inner.0.hook_state_in")

@@ -55,7 +55,7 @@ class LoopedConfig(TransformerLensConfig):
     n_layers: int = 0  # derived: effective depth, see module docstring
     n_ctx: int = 2048  # longest sequence accepted (also the RoPE table length)
     d_vocab: int = 256
-    positional_embedding_type: str = "rotary"
+    positional_embedding_type: str = "rotary"  # rotary (RoPE) | standard (learned W_pos, GPT-2)
     normalization_type: str | None = "RMS"
     act_fn: str = "silu"
     gated_mlp: bool = True
@@ -163,6 +163,9 @@ class LoopedConfig(TransformerLensConfig):
         rot = self.rotary_dim or self.d_head
         need(rot % 2 == 0 and rot <= self.d_head, f"rotary_dim ({rot}) must be even and <= d_head")
         need(self.act_fn in _ACTIVATIONS, f"act_fn must be one of {sorted(_ACTIVATIONS)}")
+        need(self.positional_embedding_type in ("rotary", "standard"),
+             f"positional_embedding_type must be 'rotary' or 'standard', "
+             f"got {self.positional_embedding_type!r}")
 
     # ---- derived quantities ----
     @property

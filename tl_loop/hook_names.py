@@ -42,6 +42,9 @@ Per step ``r`` of the loop (``0 <= r < n_steps``)::
 Model level::
 
     hook_embed                    [batch, pos, d_model]  token embedding times embed_scale
+    hook_pos_embed                [batch, pos, d_model]  learned position embedding (only with
+                                  positional_embedding_type="standard", e.g. GPT-2), added to
+                                  hook_embed before the first block
     ln_loop_out.hook_scale / hook_normalized          norm after the loop (Huginn ln_f use #1)
     ln_final.hook_scale / hook_normalized             norm before the unembedding
 

@@ -4,7 +4,8 @@ How the pieces connect:
 
 * **Weights** are stored once, in physical stacks: ``model.prelude[j]``, ``model.core[j]``
   (the recurrent block), ``model.inner[j]`` (HRM), ``model.coda[j]``, plus ``embed``,
-  ``adapter``, ``final_norm``, ``unembed``, ``exit_gate``. ``state_dict()`` holds these only.
+  ``pos_embed`` (learned positions only), ``adapter``, ``final_norm``, ``unembed``,
+  ``exit_gate``. ``state_dict()`` holds these only.
 * **Views** carry the hook points: ``model.blocks[i]`` is effective layer ``i`` of the unrolled
   model (a ``HookedBlock`` computing with the shared weights of its physical block),
   ``model.loops[r]`` holds the loop-level hooks of step ``r``. Views are rebuilt (and cached)
@@ -34,7 +35,7 @@ from transformer_lens.utilities import lm_cross_entropy_loss
 
 from tl_loop.components.base import has_hooks
 from tl_loop.components.block import BlockWeights, HookedBlock
-from tl_loop.components.embed import Adapter, Embedding, ExitGate, Unembedding
+from tl_loop.components.embed import Adapter, Embedding, ExitGate, PosEmbedding, Unembedding
 from tl_loop.components.loop import LoopStep
 from tl_loop.components.norm import HookedNorm, NormWeights
 from tl_loop.components.rotary import rotary_cos_sin, rotary_inv_freq
@@ -90,6 +91,7 @@ class HookedLoopedTransformer(HookedRootModule):
 
         # ---- physical weights (stored once) ----
         self.embed = Embedding(cfg)
+        self.pos_embed = PosEmbedding(cfg) if cfg.positional_embedding_type == "standard" else None
         self.prelude = nn.ModuleList(BlockWeights(cfg) for _ in range(cfg.n_prelude_layers))
         self.inner = nn.ModuleList(BlockWeights(cfg) for _ in range(cfg.n_inner_layers))
         self.core = nn.ModuleList(BlockWeights(cfg) for _ in range(cfg.n_core_layers))
@@ -106,6 +108,8 @@ class HookedLoopedTransformer(HookedRootModule):
 
         # ---- model-level hook points ----
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        if self.pos_embed is not None:
+            self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
         if cfg.norm_after_loop:
             self.ln_loop_out = HookedNorm(self._loop_norm_weights, cfg.norm_type, cfg.eps)
         self.ln_final = HookedNorm(self.final_norm, cfg.norm_type, cfg.eps)
@@ -279,6 +283,13 @@ class HookedLoopedTransformer(HookedRootModule):
     @property
     def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
         return self.embed.W_E
+
+    @property
+    def W_pos(self) -> Float[torch.Tensor, "n_ctx d_model"]:
+        """Learned position embeddings (``positional_embedding_type="standard"`` only)."""
+        if self.pos_embed is None:
+            raise AttributeError("W_pos")  # rotary models: hasattr(model, "W_pos") is False
+        return self.pos_embed.W_pos
 
     @property
     def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
@@ -536,6 +547,8 @@ class HookedLoopedTransformer(HookedRootModule):
         cfg, blocks, schedule = self.cfg, self.blocks, self.schedule
         rotary = self._rotary(tokens.shape[1], tokens.device)
         resid = self.hook_embed(self.embed(tokens) * cfg.embed_scale if cfg.embed_scale != 1.0 else self.embed(tokens))
+        if self.pos_embed is not None:
+            resid = resid + self.hook_pos_embed(self.pos_embed(tokens))
         i = 0
         for _ in range(cfg.n_prelude_layers):
             resid = blocks[i](resid, rotary)

@@ -1,4 +1,4 @@
-"""Token embedding, unembedding, the input adapter and the exit gate (plain weight holders)."""
+"""Token and position embedding, unembedding, the input adapter and the exit gate (plain weight holders)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,17 @@ class Embedding(nn.Module):
 
     def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
         return F.embedding(tokens, self.W_E)
+
+
+class PosEmbedding(nn.Module):
+    """Learned absolute position embeddings ``W_pos [n_ctx, d_model]`` (GPT-2 ``wpe``)."""
+
+    def __init__(self, cfg: LoopedConfig) -> None:
+        super().__init__()
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model, dtype=cfg.dtype))  # [n_ctx, d_model]
+
+    def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
+        return self.W_pos[: tokens.shape[1]].unsqueeze(0).expand(tokens.shape[0], -1, -1)
 
 
 class Unembedding(nn.Module):

@@ -42,6 +42,16 @@ def _parse_dtype(dtype: Any, stored: torch.dtype | None) -> torch.dtype:
     return dtype
 
 
+def _stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The floating dtype holding most weight elements (a float32 buffer such as Huginn's
+    ``freqs_cis`` can sit next to bfloat16 weights)."""
+    counts: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
 def load_pretrained(
     name_or_path: str | Path,
     *,
@@ -69,7 +79,7 @@ def load_pretrained(
     tensors = read_tensors(folder, allow_pickle=allow_pickle)
     fam = get_family(family) if family is not None else detect_family(config_json, set(tensors))
     cfg = fam.to_config(config_json, set(tensors), **options)
-    stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+    stored = _stored_dtype(tensors)
     cfg.dtype = _parse_dtype(dtype, stored)
     cfg.device = str(device) if device is not None else "cpu"
     strict = StrictTensors(tensors)
