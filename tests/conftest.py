@@ -52,6 +52,16 @@ def make_model(variant: str = "plain", seed: int = 0, **overrides) -> HookedLoop
     return model
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronisation overhead (and stall on a busy
+    2-core machine), so the suite runs single-threaded."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(params=list(VARIANTS))
 def variant(request) -> str:
     return request.param

@@ -25,13 +25,6 @@ VOCAB, PER_STACK = 97, 2
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and stall on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 def rel_dev(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest absolute deviation relative to the largest magnitude of ``expected``."""

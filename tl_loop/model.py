@@ -35,7 +35,7 @@ from transformer_lens.utilities import lm_cross_entropy_loss
 
 from tl_loop.components.base import has_hooks
 from tl_loop.components.block import BlockWeights, HookedBlock
-from tl_loop.components.embed import Adapter, Embedding, ExitGate, PosEmbedding, Unembedding
+from tl_loop.components.embed import Adapter, Embedding, ExitGate, PosEmbedding, TiedUnembedding, Unembedding
 from tl_loop.components.loop import LoopStep
 from tl_loop.components.norm import HookedNorm, NormWeights
 from tl_loop.components.rotary import rotary_cos_sin, rotary_inv_freq
@@ -104,7 +104,7 @@ class HookedLoopedTransformer(HookedRootModule):
         own_loop_norm = cfg.has_loop_norm and cfg.norm_weights and cfg.loop_norm_weights == "own"
         self.loop_norm = NormWeights(cfg.d_model, cfg.norm_type, cfg.dtype) if own_loop_norm else None
         self.exit_gate = ExitGate(cfg) if cfg.exit_gate else None
-        self.unembed = None if cfg.tie_embeddings else Unembedding(cfg)
+        self.unembed = TiedUnembedding(self.embed) if cfg.tie_embeddings else Unembedding(cfg)
 
         # ---- model-level hook points ----
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
@@ -297,12 +297,12 @@ class HookedLoopedTransformer(HookedRootModule):
 
     @property
     def b_U(self) -> Float[torch.Tensor, "d_vocab"]:
-        if self.unembed is not None and self.unembed.b_U is not None:
+        if self.unembed.b_U is not None:
             return self.unembed.b_U
         return torch.zeros(self.cfg.d_vocab, dtype=self.W_E.dtype, device=self.W_E.device)
 
     def _unembed_weight(self) -> torch.Tensor:
-        return self.embed.W_E if self.unembed is None else self.unembed.weight
+        return self.unembed.weight
 
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:
         """Random initialisation: normal(0, std) matrices (output projections scaled down by
@@ -539,8 +539,7 @@ class HookedLoopedTransformer(HookedRootModule):
 
     def unembed_residual(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
         """Logits from the output of ``ln_final``."""
-        b = self.unembed.b_U if self.unembed is not None else None
-        return torch.nn.functional.linear(x, self._unembed_weight(), b)
+        return self.unembed(x)
 
     def _run(self, tokens: torch.Tensor, init_state: torch.Tensor | None, init_seed: int | None) -> torch.Tensor:
         """Embed, prelude, loop, coda: the residual stream entering ``ln_final``."""

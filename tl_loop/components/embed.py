@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 
+from tl_loop.components.base import WeightView
 from tl_loop.config import LoopedConfig
 
 
@@ -37,6 +38,23 @@ class Unembedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype)) if cfg.unembed_bias else None
+
+    def forward(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
+        return F.linear(x, self.weight, self.b_U)
+
+
+class TiedUnembedding(WeightView):
+    """Unembedding tied to the token embedding: no parameters of its own."""
+
+    weights: Embedding
+    b_U = None
+
+    @property
+    def weight(self) -> Float[torch.Tensor, "d_vocab d_model"]:
+        return self.weights.W_E
+
+    def forward(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
+        return F.linear(x, self.weights.W_E)
 
 
 class Adapter(nn.Module):
