@@ -334,7 +334,9 @@ class HookedLoopedTransformer(HookedRootModule):
         bos = getattr(tok, "bos_token", None)
         if prepend_bos and bos is not None:
             texts = [bos + t for t in texts]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+        if len(texts) > 1 and tok.pad_token is None:  # as TransformerLens: pad with EOS (or BOS)
+            tok.pad_token = tok.eos_token if tok.eos_token is not None else bos
+        enc = tok(texts, return_tensors="pt", padding=len(texts) > 1, add_special_tokens=False,
                   truncation=truncate, max_length=self.cfg.n_ctx if truncate else None)
         tokens = enc["input_ids"]
         return tokens.to(self.W_E.device) if move_to_device else tokens
