@@ -39,6 +39,13 @@ def make_cfg(variant: str = "plain", **overrides) -> LoopedConfig:
     return LoopedConfig(**base)
 
 
+def rel_dev(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute deviation relative to the largest magnitude of ``expected``."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    actual, expected = actual.detach().float(), expected.detach().float()
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
 def make_model(variant: str = "plain", seed: int = 0, **overrides) -> HookedLoopedTransformer:
     model = HookedLoopedTransformer(make_cfg(variant, **overrides), seed=seed)
     # Non-trivial norm weights and biases so every parameter matters in the tests.

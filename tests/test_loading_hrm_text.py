@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, rel_dev
 from safetensors.torch import load_file, save_file
 
 from tl_loop import CheckpointError, HookedLoopedTransformer
@@ -22,15 +22,6 @@ transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4  # relative to the largest magnitude of the reference tensor
 VOCAB, PER_STACK = 97, 2
-
-
-
-
-def rel_dev(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest absolute deviation relative to the largest magnitude of ``expected``."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    actual, expected = actual.detach().float(), expected.detach().float()
-    return float((actual - expected).abs().max() / expected.abs().max())
 
 
 def build_hf(seed: int = 0, **overrides: object) -> transformers.HrmTextForCausalLM:

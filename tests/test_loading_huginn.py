@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, rel_dev
 from safetensors.torch import load_file, save_file
 
 from tl_loop import CheckpointError, HookedLoopedTransformer, InputError
@@ -23,11 +23,6 @@ CHECKPOINTS = {
     "retro_olmo_tiny": ("retrofitted", "olmo"),
 }
 PARITY = 1e-4  # relative to the largest magnitude of the expected tensor (fixtures/README.md)
-
-
-def rel_dev(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    return ((actual.float() - expected.float()).abs().max() / expected.abs().max()).item()
 
 
 def assert_parity(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:

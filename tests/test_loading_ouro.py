@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, rel_dev
 from safetensors.torch import load_file, save_file
 
 from tl_loop import CheckpointError, HookedLoopedTransformer
@@ -25,15 +25,6 @@ from tl_loop.loading.files import read_config
 FIXTURE = Path(__file__).parent / "fixtures" / "ouro_tiny"
 TOL = 1e-4  # relative to the largest magnitude of the expected tensor
 N_STEPS, N_LAYERS = 3, 2
-
-
-
-
-def rel_dev(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest absolute deviation relative to the largest magnitude of ``expected``."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    actual, expected = actual.detach().float(), expected.detach().float()
-    return float((actual - expected).abs().max() / expected.abs().max())
 
 
 @pytest.fixture(scope="module")

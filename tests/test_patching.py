@@ -20,8 +20,6 @@ from tl_loop.errors import InputError
 A, B = 3, 5
 
 
-
-
 def logit_diff(logits: torch.Tensor) -> torch.Tensor:
     return (logits[:, -1, A] - logits[:, -1, B]).mean()
 

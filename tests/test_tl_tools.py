@@ -29,8 +29,6 @@ READOUT_CASES = {**{v: (v, {}) for v in VARIANTS}, **EXTRA_LAYOUTS}
 A, B = 3, 5  # the two tokens of the logit-difference metric
 
 
-
-
 def logit_diff(logits: torch.Tensor) -> torch.Tensor:
     return (logits[:, -1, A] - logits[:, -1, B]).mean()
 
