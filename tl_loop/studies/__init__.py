@@ -1,0 +1,12 @@
+"""Reproducible studies built on the library (each one a module with a ``python -m`` command).
+
+=======================  ==================================================================
+module                   what it reproduces
+=======================  ==================================================================
+``random_init``          the seed paper's random-initialisation experiment: do randomly
+                         initialised looped blocks reach stable fixed points, depending on
+                         block size, input injection and normalisation? (no training)
+=======================  ==================================================================
+
+Results and their reading are in ``docs/design_study.md``.
+"""
