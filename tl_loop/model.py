@@ -21,19 +21,19 @@ a ``tl_loop.LoopedActivationCache``, an ``ActivationCache`` subclass), ``hooks()
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 from jaxtyping import Float, Int
 from transformer_lens import HookedRootModule
-from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import lm_cross_entropy_loss
 
-from tl_loop.components.base import has_hooks
+from tl_loop.components.base import LoopHookPoint, has_hooks
 from tl_loop.components.block import BlockWeights, HookedBlock
 from tl_loop.components.embed import Adapter, Embedding, ExitGate, PosEmbedding, TiedUnembedding, Unembedding
 from tl_loop.components.loop import LoopStep
@@ -44,6 +44,30 @@ from tl_loop.errors import InputError
 from tl_loop.schedule import Schedule
 
 ReturnType = Literal["logits", "loss", "both"] | None
+
+
+@dataclasses.dataclass
+class RunFrame:
+    """The live variables of a forward pass just before effective layer ``index`` runs.
+
+    ``x``: the residual stream entering the block (before its ``hook_resid_pre``); ``state``: the
+    recurrent state of the current step (after ``hook_state_in``); ``inner_state``: HRM's
+    low-level state; ``source``: what the step's injection adds (the prelude output, or HRM's
+    inner state); ``prelude_out``: the prelude's output. Tensors not defined yet are None.
+    """
+
+    index: int
+    x: torch.Tensor | None = None
+    state: torch.Tensor | None = None
+    inner_state: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+    prelude_out: torch.Tensor | None = None
+
+    TENSORS = ("x", "state", "inner_state", "source", "prelude_out")
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "RunFrame":
+        """A frame with ``fn`` applied to every tensor (None stays None)."""
+        return RunFrame(self.index, *(None if (t := getattr(self, k)) is None else fn(t) for k in self.TENSORS))
 
 
 class _Views(nn.Module):
@@ -107,9 +131,9 @@ class HookedLoopedTransformer(HookedRootModule):
         self.unembed = TiedUnembedding(self.embed) if cfg.tie_embeddings else Unembedding(cfg)
 
         # ---- model-level hook points ----
-        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.hook_embed = LoopHookPoint()  # [batch, pos, d_model]
         if self.pos_embed is not None:
-            self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
+            self.hook_pos_embed = LoopHookPoint()  # [batch, pos, d_model]
         if cfg.norm_after_loop:
             self.ln_loop_out = HookedNorm(self._loop_norm_weights, cfg.norm_type, cfg.eps)
         self.ln_final = HookedNorm(self.final_norm, cfg.norm_type, cfg.eps)
@@ -419,7 +443,8 @@ class HookedLoopedTransformer(HookedRootModule):
         if key not in self._rotary_cache:
             rot = self.cfg.rotary_dim or self.cfg.d_head
             inv = rotary_inv_freq(rot, self.cfg.rotary_base, self.cfg.rope_scaling)
-            self._rotary_cache = {key: rotary_cos_sin(n_pos, inv, device)}
+            with torch.inference_mode(False):  # reusable outside inference mode too
+                self._rotary_cache = {key: rotary_cos_sin(n_pos, inv, device)}
         return self._rotary_cache[key]
 
     def initial_state(
@@ -502,10 +527,7 @@ class HookedLoopedTransformer(HookedRootModule):
                 with self.steps(n_steps, force):
                     return self.forward(input, return_type, loss_per_token, init_state=init_state, init_seed=init_seed)
         tokens = self._validate_tokens(input)
-        normed = self.ln_final(self._run(tokens, init_state, init_seed))
-        if self.exit_gate is not None and self._gate_reads_ln_final and len(self.loops):
-            self.loops[-1].hook_exit_gate(self.exit_gate(normed))
-        logits = self.unembed_residual(normed)
+        logits = self._head(self._run(tokens, init_state, init_seed))
         if return_type is None:
             return None
         if return_type == "logits":
@@ -543,50 +565,100 @@ class HookedLoopedTransformer(HookedRootModule):
         """Logits from the output of ``ln_final``."""
         return self.unembed(x)
 
-    def _run(self, tokens: torch.Tensor, init_state: torch.Tensor | None, init_seed: int | None) -> torch.Tensor:
-        """Embed, prelude, loop, coda: the residual stream entering ``ln_final``."""
-        cfg, blocks, schedule = self.cfg, self.blocks, self.schedule
+    def _run(
+        self,
+        tokens: torch.Tensor,
+        init_state: torch.Tensor | None,
+        init_seed: int | None,
+        *,
+        resume: RunFrame | None = None,
+        on_block: Callable[[RunFrame], None] | None = None,
+    ) -> torch.Tensor:
+        """Embed, prelude, loop, coda: the residual stream entering ``ln_final``.
+
+        Internal hooks for fast patching sweeps (``tl_loop.patching``): ``on_block(frame)`` is
+        called before every block with the live variables of the pass (a ``RunFrame``, which it
+        may modify in place, e.g. to stack more rows onto the batch); ``resume=frame`` starts the
+        pass at effective layer ``frame.index`` from such a frame: everything before that layer
+        (embedding, earlier blocks, loop boundaries, hooks) is skipped, everything from it on runs
+        exactly as in a full pass. Operations between blocks belong to the boundary before the
+        next block, so they are part of a frame taken there and are not repeated on resume.
+        """
+        cfg = self.cfg
         rotary = self._rotary(tokens.shape[1], tokens.device)
-        resid = self.hook_embed(self.embed(tokens) * cfg.embed_scale if cfg.embed_scale != 1.0 else self.embed(tokens))
-        if self.pos_embed is not None:
-            resid = resid + self.hook_pos_embed(self.pos_embed(tokens))
+        if resume is None:
+            start = -1
+            embedded = self.embed(tokens)
+            frame = RunFrame(0, self.hook_embed(embedded * cfg.embed_scale if cfg.embed_scale != 1.0 else embedded))
+            if self.pos_embed is not None:
+                frame.x = frame.x + self.hook_pos_embed(self.pos_embed(tokens))
+        else:
+            start = resume.index
+            if not 0 <= start < len(self.schedule):
+                raise InputError(f"cannot resume at effective layer {start}: the model runs {len(self.schedule)} layers")
+            frame = dataclasses.replace(resume)  # the caller's frame stays as it was
+        f = frame
         i = 0
         for _ in range(cfg.n_prelude_layers):
-            resid = blocks[i](resid, rotary)
-            i += 1
-        prelude_out = resid
-        state = self.initial_state(prelude_out, init_state, init_seed)
-        inner_state = self._initial_inner_state(prelude_out) if cfg.inner_cycles else None
+            i = self._run_block(i, f, start, rotary, on_block)
+        if i > start:
+            f.prelude_out = f.x
+            f.state = self.initial_state(f.prelude_out, init_state, init_seed)
+            f.inner_state = self._initial_inner_state(f.prelude_out) if cfg.inner_cycles else None
         for step in self.loops:
-            state = step.hook_state_in(state)
-            source = prelude_out
+            if i > start:
+                f.state = step.hook_state_in(f.state)
+                f.source = f.prelude_out
             for cycle in step.inner if cfg.inner_cycles else ():
-                inner_state = cycle.hook_state_in(inner_state)
-                x = cycle.hook_injected(inner_state + state)
+                if i > start:
+                    f.inner_state = cycle.hook_state_in(f.inner_state)
+                    f.x = cycle.hook_injected(f.inner_state + f.state)
                 for _ in range(cfg.n_inner_layers):
-                    x = blocks[i](x, rotary)
-                    i += 1
-                inner_state = cycle.hook_state_out(cycle.ln_state(x) if cfg.inner_norm else x)
-                source = inner_state
-            x = self._inject(step, state, source)
+                    i = self._run_block(i, f, start, rotary, on_block)
+                if i > start:
+                    f.inner_state = cycle.hook_state_out(cycle.ln_state(f.x) if cfg.inner_norm else f.x)
+                    f.source = f.inner_state
+            if i > start:
+                f.x = self._inject(step, f.state, f.source)
             for _ in range(cfg.n_core_layers):
-                x = blocks[i](x, rotary)
-                i += 1
-            if "ln_state" in step._modules:
-                x = step.ln_state(x)
-            state = step.hook_state_out(x)
-            if self.exit_gate is not None and step.step < len(self.loops) - 1:
-                step.hook_exit_gate(self.exit_gate(state))
-        if cfg.norm_after_loop:
-            state = self.ln_loop_out(state)
-        if self.exit_gate is not None and len(self.loops) and not self._gate_reads_ln_final:
-            self.loops[-1].hook_exit_gate(self.exit_gate(state))
-        resid = state
+                i = self._run_block(i, f, start, rotary, on_block)
+            if i > start:
+                x = step.ln_state(f.x) if "ln_state" in step._modules else f.x
+                f.state = step.hook_state_out(x)
+                if self.exit_gate is not None and step.step < len(self.loops) - 1:
+                    step.hook_exit_gate(self.exit_gate(f.state))
+        if i > start:
+            state = self.ln_loop_out(f.state) if cfg.norm_after_loop else f.state
+            if self.exit_gate is not None and len(self.loops) and not self._gate_reads_ln_final:
+                self.loops[-1].hook_exit_gate(self.exit_gate(state))
+            f.x = state
         for _ in range(cfg.n_coda_layers):
-            resid = blocks[i](resid, rotary)
-            i += 1
-        assert i == len(schedule)
-        return resid
+            i = self._run_block(i, f, start, rotary, on_block)
+        assert i == len(self.schedule)
+        return f.x
+
+    def _run_block(
+        self,
+        i: int,
+        f: RunFrame,
+        start: int,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        on_block: Callable[[RunFrame], None] | None,
+    ) -> int:
+        """Run effective layer ``i`` on ``f.x`` (unless a resumed pass starts later)."""
+        if i >= start:
+            if on_block is not None:
+                f.index = i
+                on_block(f)
+            f.x = self.blocks[i](f.x, rotary)
+        return i + 1
+
+    def _head(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
+        """``ln_final``, the exit gate of the last step where it reads ``ln_final``, unembedding."""
+        normed = self.ln_final(resid)
+        if self.exit_gate is not None and self._gate_reads_ln_final and len(self.loops):
+            self.loops[-1].hook_exit_gate(self.exit_gate(normed))
+        return self.unembed_residual(normed)
 
     def _initial_inner_state(self, like: torch.Tensor) -> torch.Tensor:
         if self.inner_init is None:

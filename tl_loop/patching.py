@@ -20,6 +20,10 @@ handed from one step to the next. This module adds those, in TransformerLens's o
 * **Sweeps** shaped like TransformerLens's: :func:`get_act_patch_cycle` patches a layer of the
   cycle at *all* chosen steps in each run (``[layer_in_cycle, pos]``), :func:`get_act_patch_state`
   patches the recurrent state step by step (``[step, pos]``).
+* :func:`get_act_patch_resid_pre_batched` computes exactly
+  ``transformer_lens.patching.get_act_patch_resid_pre`` (``[n_layers, pos]`` over the full
+  effective depth) with many patches per forward pass and without recomputing the unpatched
+  prefix of each run.
 
 Hook names refer to one depth. Every builder works at ``n_steps`` (default: the model's current
 ``cfg.n_steps``) and refuses a ``clean_cache`` recorded at another depth; to work at another depth
@@ -28,6 +32,7 @@ pass ``n_steps=`` here *and* to ``run_with_hooks`` (the sweeps do that themselve
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -49,6 +54,7 @@ __all__ = [
     "cycle_hook_names",
     "cycle_index_df",
     "get_act_patch_cycle",
+    "get_act_patch_resid_pre_batched",
     "get_act_patch_state",
     "patch_cycle_hooks",
     "patch_state_hooks",
@@ -660,3 +666,152 @@ def get_act_patch_state(
         return [(n, _ReplaceHook(_cached(clean_cache, n, "clean_cache"), at.get("pos"), None, "patch"))]
 
     return _sweep(model, corrupted_tokens, patching_metric, depth, sizes, hooks_for)
+
+
+# ---------------------------------------------------------------------------- batched sweep
+def _default_copies(base: Any, batch: int, n_pos: int) -> int:
+    """Patched copies per forward pass: about 4096 token rows, fewer when the logits
+    (``rows x d_vocab`` floats) would pass 256 MiB."""
+    rows = max(1, min(4096, (1 << 26) // max(int(base.cfg.d_vocab), 1)))
+    return max(1, rows // (batch * n_pos))
+
+
+def _as_scalar(value: Any) -> torch.Tensor:
+    out = torch.as_tensor(value).detach()
+    if out.ndim != 0:
+        raise InputError(
+            f"patching_metric must return a scalar (as for transformer_lens.patching's sweeps), got shape "
+            f"{tuple(out.shape)}; it is called once per patch on logits of the corrupted batch's size"
+        )
+    return out
+
+
+def get_act_patch_resid_pre_batched(
+    model: Any,
+    corrupted_tokens: Int[torch.Tensor, "batch pos"],
+    clean_cache: Any,
+    patching_metric: Callable[[Float[torch.Tensor, "batch pos d_vocab"]], Any],
+    batch_size: int | None = None,
+    *,
+    n_steps: int | None = None,
+) -> Float[torch.Tensor, "n_layers pos"]:
+    """``transformer_lens.patching.get_act_patch_resid_pre``, computed in batched, resumed passes.
+
+    Returns the same ``[n_layers, pos]`` tensor: cell ``[L, p]`` is ``patching_metric`` of the
+    corrupted run with ``blocks.{L}.hook_resid_pre`` at position ``p`` replaced by the clean
+    activation, for every effective layer ``L`` of the unrolled model. Two things make it faster:
+
+    * **Many patches per forward pass.** The corrupted batch is stacked ``batch_size`` times along
+      the batch axis (default: about 4096 token rows per pass); each copy carries a different
+      ``(layer, pos)`` patch.
+    * **No prefix recomputation.** A patch at layer ``L`` changes nothing before ``L``: one
+      unpatched corrupted pass records the live state before every layer (residual stream,
+      recurrent state, HRM's inner state, the prelude output the loop injects), and each
+      patched copy starts at its own layer from that record. The copies of one pass join it at
+      their layer (the pass starts at the first one), so every layer runs once per patch that
+      can change it, at most, across loop boundaries, injection, state norms and inner cycles.
+
+    ``patching_metric`` is called once per patch, on that copy's logits: a
+    ``[batch, pos, d_vocab]`` slice with the corrupted batch's original size, exactly what
+    TransformerLens's sweep passes it; it must return a scalar. Results equal
+    TransformerLens's up to float rounding of the larger matrix products.
+
+    Hooks attached to the model are refused (they would see stacked batches and miss the skipped
+    prefix): remove them, or use TransformerLens's sweep. ``n_steps`` sweeps at that depth
+    (the clean cache must be recorded there).
+
+    >>> import torch
+    >>> from transformer_lens import patching
+    >>> from tl_loop import HookedLoopedTransformer, LoopedConfig
+    >>> model = HookedLoopedTransformer(LoopedConfig(d_model=16, d_head=4, d_vocab=20, n_prelude_layers=1,
+    ...                                              n_core_layers=2, n_steps=3, injection="add"), seed=0)
+    >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 9, 3, 4]])
+    >>> _, clean_cache = model.run_with_cache(clean)
+    >>> metric = lambda logits: logits[0, -1, 5]
+    >>> fast = get_act_patch_resid_pre_batched(model, corrupted, clean_cache, metric, batch_size=5)
+    >>> fast.shape                                                   # [n_layers, pos]
+    torch.Size([7, 4])
+    >>> torch.allclose(fast, patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric), atol=1e-5)
+    True
+    """
+    depth = _resolve_depth(model, n_steps, ("clean_cache", clean_cache))
+    base = _base_model(model)
+    if not isinstance(corrupted_tokens, torch.Tensor) or corrupted_tokens.ndim != 2:
+        raise InputError("corrupted_tokens must be a LongTensor [batch, pos]")
+    if base.training:
+        raise InputError("activation patching needs the model in eval mode (model.eval())")
+    if base._any_hooks_attached():
+        raise InputError(
+            "get_act_patch_resid_pre_batched runs stacked, resumed forward passes: hooks attached to "
+            "the model would see the stacked batch and not fire before the patched layer. Remove them "
+            "(model.reset_hooks(including_permanent=True)) or use transformer_lens.patching.get_act_patch_resid_pre"
+        )
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size must be a positive int (patched copies per forward pass), got {batch_size!r}")
+    from tl_loop.model import RunFrame
+
+    with base.steps(depth, force=True), torch.no_grad():
+        tokens = base._validate_tokens(corrupted_tokens)
+        batch, n_pos = int(tokens.shape[0]), int(tokens.shape[1])
+        n_layers = len(base.schedule)
+        clean = []
+        for layer in range(n_layers):
+            value = _cached(clean_cache, block_hook(layer, "hook_resid_pre"), "clean_cache")
+            if value.shape[1:] != (n_pos, base.cfg.d_model) or value.shape[0] not in (1, batch):
+                raise InputError(
+                    f"clean_cache's blocks.{layer}.hook_resid_pre has shape {tuple(value.shape)}, the corrupted "
+                    f"run's is {(batch, n_pos, base.cfg.d_model)} (prompts must have the same length; the "
+                    "clean batch must match or be 1)"
+                )
+            clean.append(value.to(device=tokens.device, dtype=base.cfg.dtype))
+        copies = batch_size or _default_copies(base, batch, n_pos)
+        store = torch.zeros(n_layers, n_pos, device=getattr(base.cfg, "device", None))
+
+        frames: list[RunFrame] = []
+        base._run(tokens, None, None, on_block=lambda f: frames.append(dataclasses.replace(f)))
+        # A random initial state is drawn for the batch's shape: a pass resumed inside the
+        # prelude gets the corrupted batch's draw stacked, as each sequential run draws it.
+        n_prelude = base.cfg.n_prelude_layers
+        first_state = None
+        if base.cfg.state_init == "random" and 0 < n_prelude < n_layers:
+            first_state = base.initial_state(frames[n_prelude].prelude_out)
+
+        def patched_rows(layer: int, positions: list[int]) -> RunFrame:
+            """The frame before ``layer``, one copy of the batch per position, each patched there."""
+            n = len(positions)
+            rows = frames[layer].map(lambda t: t.repeat(n, *([1] * (t.ndim - 1))))
+            assert rows.x is not None
+            pos = torch.tensor(positions, device=tokens.device)
+            view = rows.x.view(n, batch, n_pos, -1)
+            view[torch.arange(n, device=tokens.device), :, pos] = clean[layer][:, pos].transpose(0, 1)
+            return rows
+
+        cells = [(layer, p) for layer in range(n_layers) for p in range(n_pos)]
+        for first in range(0, len(cells), copies):
+            chunk = cells[first : first + copies]
+            by_layer: dict[int, list[int]] = {}
+            for layer, p in chunk:
+                by_layer.setdefault(layer, []).append(p)
+            start = chunk[0][0]
+
+            def join(f: RunFrame, start: int = start, by_layer: dict[int, list[int]] = by_layer) -> None:
+                if f.index == start or f.index not in by_layer:
+                    return
+                new = patched_rows(f.index, by_layer[f.index])
+                for name in RunFrame.TENSORS:
+                    have, more = getattr(f, name), getattr(new, name)
+                    if (have is None) != (more is None):
+                        raise AssertionError(f"frames disagree on {name} at layer {f.index}")
+                    if have is not None:
+                        setattr(f, name, torch.cat([have, more]))
+
+            init_state = None
+            if first_state is not None and start < n_prelude:  # the pass draws the initial state
+                n = sum(len(ps) for layer, ps in by_layer.items() if layer < n_prelude)
+                init_state = first_state.repeat(n, *([1] * (first_state.ndim - 1)))
+            resid = base._run(tokens, init_state, None, resume=patched_rows(start, by_layer[start]), on_block=join)
+            logits = base._head(resid)
+            # rows are in chunk order: layers in turn, positions within a layer in turn
+            for k, (layer, p) in enumerate(chunk):
+                store[layer, p] = _as_scalar(patching_metric(logits[k * batch : (k + 1) * batch]))
+    return store

@@ -24,14 +24,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Float
-from transformer_lens.hook_points import HookPoint
 
-from tl_loop.components.base import WeightView, has_hooks
+from tl_loop.components.base import LoopHookPoint, WeightView, has_hooks
 from tl_loop.components.norm import HookedNorm, NormWeights
 from tl_loop.components.rotary import apply_rotary
 from tl_loop.config import LoopedConfig
 
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+_MASKS: dict[tuple[int, torch.dtype, str], torch.Tensor] = {}
+
+
+def causal_mask_bias(n_pos: int, dtype: torch.dtype, device: torch.device) -> Float[torch.Tensor, "pos pos"]:
+    """Additive causal mask ``[query_pos, key_pos]``: 0 on and below the diagonal, -inf above.
+    Built once per (length, dtype, device) and reused (read-only)."""
+    key = (n_pos, dtype, str(device))
+    mask = _MASKS.get(key)
+    if mask is None:
+        if len(_MASKS) >= 16:
+            _MASKS.clear()
+        with torch.inference_mode(False), torch.no_grad():  # usable inside and outside inference mode
+            mask = torch.full((n_pos, n_pos), float("-inf"), dtype=dtype, device=device).triu_(1)
+        _MASKS[key] = mask
+    return mask
 
 
 class AttentionWeights(nn.Module):
@@ -75,18 +90,18 @@ class HookedAttention(WeightView):
     def __init__(self, weights: AttentionWeights, cfg: LoopedConfig) -> None:
         super().__init__(weights)
         self.cfg = cfg
-        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
-        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_rot_q = HookPoint()  # [batch, pos, head, d_head]
-        self.hook_rot_k = HookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]
-        self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_q = LoopHookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = LoopHookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_v = LoopHookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_rot_q = LoopHookPoint()  # [batch, pos, head, d_head]
+        self.hook_rot_k = LoopHookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_attn_scores = LoopHookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_pattern = LoopHookPoint()  # [batch, head, query_pos, key_pos]
         if cfg.attn_output_gate:
-            self.hook_gate = HookPoint()  # [batch, pos, head, d_head]
-        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+            self.hook_gate = LoopHookPoint()  # [batch, pos, head, d_head]
+        self.hook_z = LoopHookPoint()  # [batch, pos, head, d_head]
         if cfg.use_attn_result:
-            self.hook_result = HookPoint()  # [batch, pos, head, d_model]
+            self.hook_result = LoopHookPoint()  # [batch, pos, head, d_model]
         if cfg.qk_norm:
             self.q_norm = HookedNorm(weights.q_norm, cfg.norm_type, cfg.eps)
             self.k_norm = HookedNorm(weights.k_norm, cfg.norm_type, cfg.eps)
@@ -138,13 +153,19 @@ class HookedAttention(WeightView):
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         w = self.weights
         if hasattr(w, "w_qkv"):
-            q, k, v = F.linear(x, w.w_qkv).split([w.q_dim, w.kv_dim, w.kv_dim], dim=-1)
+            bias = None
+            if w.b_q is not None or w.b_v is not None:  # one fused projection, biases included
+                zeros_qk = w.w_qkv.new_zeros(w.q_dim + w.kv_dim) if w.b_q is None else None
+                zeros_v = w.w_qkv.new_zeros(w.kv_dim) if w.b_v is None else None
+                qk = [zeros_qk] if zeros_qk is not None else [w.b_q, w.b_k]
+                bias = torch.cat([*qk, w.b_v if w.b_v is not None else zeros_v])
+            q, k, v = F.linear(x, w.w_qkv, bias).split([w.q_dim, w.kv_dim, w.kv_dim], dim=-1)
         else:
             q, k, v = F.linear(x, w.w_q), F.linear(x, w.w_k), F.linear(x, w.w_v)
-        if w.b_q is not None:
-            q, k = q + w.b_q, k + w.b_k
-        if w.b_v is not None:
-            v = v + w.b_v
+            if w.b_q is not None:
+                q, k = q + w.b_q, k + w.b_k
+            if w.b_v is not None:
+                v = v + w.b_v
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
@@ -172,10 +193,21 @@ class HookedAttention(WeightView):
         if has_hooks(self.hook_attn_scores) or has_hooks(self.hook_pattern):
             kh_full = kh.repeat_interleave(cfg.n_groups, dim=1) if cfg.n_groups > 1 else kh
             vh_full = vh.repeat_interleave(cfg.n_groups, dim=1) if cfg.n_groups > 1 else vh
-            scores = torch.matmul(qh, kh_full.transpose(-1, -2)) * scale
-            mask = torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device).tril()
-            scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
-            pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+            # scale * q k^T + causal mask (0 / -inf) in one batched GEMM: the same values as
+            # (q @ k^T) * scale followed by masked_fill, without two more passes over the scores.
+            heads = batch * cfg.n_heads
+            scores = torch.baddbmm(
+                causal_mask_bias(n_pos, q.dtype, x.device),
+                qh.reshape(heads, n_pos, cfg.d_head),
+                kh_full.reshape(heads, n_pos, cfg.d_head).transpose(1, 2),
+                alpha=scale,
+            ).view(batch, cfg.n_heads, n_pos, n_pos)
+            scores = self.hook_attn_scores(scores)
+            if q.dtype == torch.float32:
+                probs = torch.softmax(scores, dim=-1)
+            else:
+                probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            pattern = self.hook_pattern(probs)
             zh = torch.matmul(pattern, vh_full)
         elif cfg.n_groups > 1 and not _SDPA_HAS_GQA:
             rep = cfg.n_groups

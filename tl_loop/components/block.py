@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from jaxtyping import Float
-from transformer_lens.hook_points import HookPoint
 
 from tl_loop.components.attention import AttentionWeights, HookedAttention
-from tl_loop.components.base import WeightView
+from tl_loop.components.base import LoopHookPoint, WeightView
 from tl_loop.components.mlp import HookedMLP, MLPWeights
 from tl_loop.components.norm import HookedNorm, NormWeights
 from tl_loop.config import LoopedConfig
@@ -63,15 +62,15 @@ class HookedBlock(WeightView):
     def __init__(self, weights: BlockWeights, cfg: LoopedConfig) -> None:
         super().__init__(weights)
         self.cfg = cfg
-        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_pre = LoopHookPoint()  # [batch, pos, d_model]
         for slot in enabled_norm_slots(cfg):
             setattr(self, slot, HookedNorm(getattr(weights, slot), cfg.norm_type, cfg.eps))
         self.attn = HookedAttention(weights.attn, cfg)
-        self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
-        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_out = LoopHookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = LoopHookPoint()  # [batch, pos, d_model]
         self.mlp = HookedMLP(weights.mlp, cfg)
-        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
-        self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_out = LoopHookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = LoopHookPoint()  # [batch, pos, d_model]
 
     def _norm(self, slot: str, x: torch.Tensor) -> torch.Tensor:
         norm = self._modules.get(slot)

@@ -13,8 +13,8 @@ Hook points of step ``r`` (``loops.{r}.…``), in firing order::
 from __future__ import annotations
 
 import torch.nn as nn
-from transformer_lens.hook_points import HookPoint
 
+from tl_loop.components.base import LoopHookPoint
 from tl_loop.components.norm import HookedNorm, NormWeights
 from tl_loop.config import LoopedConfig
 
@@ -24,11 +24,11 @@ class InnerCycle(nn.Module):
 
     def __init__(self, cfg: LoopedConfig) -> None:
         super().__init__()
-        self.hook_state_in = HookPoint()  # [batch, pos, d_model] z_L before the cycle
-        self.hook_injected = HookPoint()  # [batch, pos, d_model] z_L + z_H
+        self.hook_state_in = LoopHookPoint()  # [batch, pos, d_model] z_L before the cycle
+        self.hook_injected = LoopHookPoint()  # [batch, pos, d_model] z_L + z_H
         if cfg.inner_norm:
             self.ln_state = HookedNorm(None, cfg.norm_type, cfg.eps)
-        self.hook_state_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_state_out = LoopHookPoint()  # [batch, pos, d_model]
 
 
 class LoopStep(nn.Module):
@@ -37,13 +37,13 @@ class LoopStep(nn.Module):
     ) -> None:
         super().__init__()
         self.step = step
-        self.hook_state_in = HookPoint()  # [batch, pos, d_model]
+        self.hook_state_in = LoopHookPoint()  # [batch, pos, d_model]
         if cfg.inner_cycles:
             self.inner = nn.ModuleList(InnerCycle(cfg) for _ in range(cfg.inner_cycles))
         if cfg.injection != "none" or cfg.inner_cycles:
-            self.hook_injected = HookPoint()  # [batch, pos, d_model]
+            self.hook_injected = LoopHookPoint()  # [batch, pos, d_model]
         if cfg.norm_between_steps and step < n_steps - 1:
             self.ln_state = HookedNorm(loop_norm, cfg.norm_type, cfg.eps)
-        self.hook_state_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_state_out = LoopHookPoint()  # [batch, pos, d_model]
         if cfg.exit_gate:
-            self.hook_exit_gate = HookPoint()  # [batch, pos, 1]
+            self.hook_exit_gate = LoopHookPoint()  # [batch, pos, 1]

@@ -13,9 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Float
-from transformer_lens.hook_points import HookPoint
 
-from tl_loop.components.base import WeightView
+from tl_loop.components.base import LoopHookPoint, WeightView
 from tl_loop.config import LoopedConfig
 
 ACTIVATIONS = {
@@ -66,10 +65,10 @@ class HookedMLP(WeightView):
         super().__init__(weights)
         self.cfg = cfg
         self.act = ACTIVATIONS[cfg.act_fn]
-        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_pre = LoopHookPoint()  # [batch, pos, d_mlp]
         if cfg.gated_mlp:
-            self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
-        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+            self.hook_pre_linear = LoopHookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = LoopHookPoint()  # [batch, pos, d_mlp]
 
     # TransformerLens weight views ([d_model, d_mlp] / [d_mlp, d_model])
     @property

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from jaxtyping import Float
-from transformer_lens.hook_points import HookPoint
 
-from tl_loop.components.base import WeightView
+from tl_loop.components.base import LoopHookPoint, WeightView
 
 
 class NormWeights(nn.Module):
@@ -35,8 +34,8 @@ class HookedNorm(WeightView):
         super().__init__(weights)
         self.norm_type = norm_type
         self.eps = eps
-        self.hook_scale = HookPoint()  # [batch, pos, 1]
-        self.hook_normalized = HookPoint()  # [batch, pos, d]
+        self.hook_scale = LoopHookPoint()  # [batch, pos, 1]
+        self.hook_normalized = LoopHookPoint()  # [batch, pos, d]
 
     @property
     def w(self) -> torch.Tensor | None:

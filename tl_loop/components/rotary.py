@@ -59,21 +59,26 @@ def apply_rotary(
     layout: str,
     in_float32: bool,
 ) -> Float[torch.Tensor, "batch pos head d_head"]:
-    """Rotate the first ``2 * half_rot`` dimensions of every head of ``x``."""
-    rot = 2 * cos.shape[-1]
+    """Rotate the first ``2 * half_rot`` dimensions of every head of ``x``.
+
+    Each half of a pair is computed directly (``out_1 = x_1 cos - x_2 sin``, ``out_2 = x_2 cos +
+    x_1 sin``): bit for bit the products and sums of ``x * cos + rotate_half(x) * sin`` (Hugging
+    Face) or of the complex product (Huginn), without materialising ``rotate_half(x)`` or
+    full-width ``cos`` / ``sin`` tables.
+    """
+    half = cos.shape[-1]
+    rot = 2 * half
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     if layout == "interleaved":
-        pairs = x_rot.float().unflatten(-1, (-1, 2))
-        p0, p1 = pairs[..., 0], pairs[..., 1]
-        out = torch.stack([p0 * cos - p1 * sin, p1 * cos + p0 * sin], dim=-1).flatten(-2)
-        out = out.to(x.dtype)
+        work_dtype = torch.float32  # Huginn rotates in float32 and casts back
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
     else:
         work_dtype = torch.float32 if in_float32 else x.dtype
-        xr = x_rot.to(work_dtype)
-        cos2 = torch.cat([cos, cos], dim=-1).to(work_dtype)
-        sin2 = torch.cat([sin, sin], dim=-1).to(work_dtype)
-        half = rot // 2
-        rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-        out = (xr * cos2 + rotated * sin2).to(x.dtype)
+        x1, x2 = x_rot[..., :half], x_rot[..., half:]
+        cos, sin = cos.to(work_dtype), sin.to(work_dtype)
+    x1, x2 = x1.to(work_dtype), x2.to(work_dtype)
+    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    out = torch.stack([o1, o2], dim=-1).flatten(-2) if layout == "interleaved" else torch.cat([o1, o2], dim=-1)
+    out = out.to(x.dtype)
     return out if x_pass.shape[-1] == 0 else torch.cat([out, x_pass], dim=-1)
