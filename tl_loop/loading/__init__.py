@@ -74,7 +74,9 @@ def load_pretrained(
     """
     from tl_loop.model import HookedLoopedTransformer
 
-    folder = resolve_checkpoint(name_or_path, revision)
+    from tl_loop.pretrained import resolve as resolve_shipped  # "tl-loop/<name>": shipped in the package
+
+    folder = resolve_shipped(name_or_path) or resolve_checkpoint(name_or_path, revision)
     config_json = read_config(folder)
     tensors = read_tensors(folder, allow_pickle=allow_pickle)
     fam = get_family(family) if family is not None else detect_family(config_json, set(tensors))

@@ -103,7 +103,12 @@ def _read_pickle(folder: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_tokenizer(folder: Path) -> Any:
-    """``transformers.AutoTokenizer`` from the folder's own files (no remote code), or None."""
+    """``transformers.AutoTokenizer`` from the folder's own files (no remote code), or None; a
+    ``tl_loop.tasks.CharTokenizer`` where the folder has one (the shipped models)."""
+    from tl_loop.tasks.tokenizer import TOKENIZER_FILE, CharTokenizer
+
+    if (folder / TOKENIZER_FILE).is_file():
+        return CharTokenizer.from_pretrained(folder)
     if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
         return None
     try:
