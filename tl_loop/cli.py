@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 #: Model used when ``report`` gets none (an embedded model, so the command works offline).
-DEFAULT_MODEL = "tl-loop/looped-hops"
+DEFAULT_MODEL = "tl-loop/varbind-looped"
 
 
 def _load(name: str, n_steps: int | None):
