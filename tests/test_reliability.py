@@ -111,6 +111,8 @@ def test_init_state_dtype_and_type_are_checked():
         model(TOKENS, init_state=torch.zeros(shape, dtype=torch.float64))
     with pytest.raises(InputError, match="must be a tensor"):
         model(TOKENS, init_state=[[0.0]])
+    with pytest.raises(InputError, match="is on meta"):
+        model(TOKENS, init_state=torch.zeros(shape, device="meta"))
 
 
 def test_n_steps_bound_and_force():
