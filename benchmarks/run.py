@@ -41,6 +41,7 @@ All runs are under ``torch.no_grad()``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -167,6 +168,18 @@ def strip_hook_points(model: torch.nn.Module) -> int:
 CLOCK = "cpu"  # set from --clock
 
 
+def trim_heap() -> None:
+    """Hand the C heap's free memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Every timed call starts from a trimmed heap, so the memory a call keeps (a cache) comes fresh
+    from the OS each time, whatever other objects happen to pin the heap: the same, deterministic
+    conditions for every function compared (the worst case for ``run_with_cache``)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, list[float]]]:
     """Seconds per call of each function (``{"wall": [...], "cpu": [...]}``; cpu = user + system
     time of this process), ``repeats`` rounds, the functions taking turns."""
@@ -179,6 +192,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
         order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
         for name in order:
             gc.collect()
+            trim_heap()
             start, cpu = time.perf_counter(), time.process_time()
             out = fns[name]()
             times[name]["cpu"].append(time.process_time() - cpu)
@@ -358,7 +372,10 @@ def hook_calls(model: Any, x: torch.Tensor) -> int:
 def per_call_ns(n: int = 200_000) -> dict[str, float]:
     """Nanoseconds per call, nothing attached: tl-loop's hook point, TransformerLens's HookPoint,
     and a plain identity function (what stripping leaves)."""
-    from tl_loop.components.base import LoopHookPoint
+    try:
+        from tl_loop.components.base import LoopHookPoint
+    except ImportError:  # an older tl-loop, which used TransformerLens's HookPoint
+        LoopHookPoint = HookPoint  # noqa: N806
 
     x = torch.zeros(1)
     out = {}

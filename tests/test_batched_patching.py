@@ -172,8 +172,8 @@ def test_frames_carry_the_loop_state():
     """What a frame holds at a loop boundary: the HRM inner state and the injection source."""
     model = make_model("hrm_like")
     tokens = torch.tensor([[1, 2, 3]])
-    # no pattern hooks: the cached run takes the same fused-attention path as the recording
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: not n.endswith(("pattern", "attn_scores")))
+    # no pattern / norm-scale hooks: the cached run takes the same paths as the recording
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: not n.endswith(("pattern", "attn_scores", "scale")))
     _, frames = record_frames(model, tokens)
     sched = model.schedule
     for layer in sched:

@@ -14,7 +14,7 @@ from transformer_lens.hook_points import HookPoint
 
 from tl_loop.components.attention import causal_mask_bias
 from tl_loop.components.base import LoopHookPoint
-from tl_loop.components.rotary import apply_rotary, rotary_cos_sin, rotary_inv_freq
+from tl_loop.components.rotary import apply_rotary, apply_rotary_tables, rotary_cos_sin, rotary_inv_freq, rotary_tables
 
 
 # ---------------------------------------------------------------------------- hook points
@@ -127,6 +127,51 @@ def test_fused_projection_biases(variant):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["hrm_like", "huginn_like", "layernorm_plain_mlp", "olmo_retro_like"])
+def test_fused_and_split_projections_agree(variant, monkeypatch):
+    """Fused q/k/v and gate/up matrices run as one GEMM (GPU path) or one per row block (CPU
+    path): the same model either way."""
+    from tl_loop.components import attention, mlp
+
+    model = make_model(variant)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 6), generator=torch.Generator().manual_seed(4))
+    split_logits, split_cache = model.run_with_cache(tokens)
+    monkeypatch.setattr(attention, "split_projections", lambda x: False)
+    monkeypatch.setattr(mlp, "split_projections", lambda x: False)
+    fused_logits, fused_cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(fused_logits, split_logits, rtol=1e-5, atol=1e-5)
+    for name in ("blocks.0.attn.hook_q", "blocks.0.attn.hook_v", "blocks.0.mlp.hook_pre"):
+        torch.testing.assert_close(fused_cache[name], split_cache[name], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- norms
+@pytest.mark.parametrize("norm_type", ["RMS", "LN"])
+def test_norm_paths(norm_type):
+    """No hook on the scale: x * rsqrt(var + eps) (Hugging Face's RMSNorm bit for bit); with one,
+    division by whatever the hook returns (a replaced scale takes effect)."""
+    from tl_loop.components.norm import HookedNorm, NormWeights
+
+    weights = NormWeights(12, norm_type)
+    with torch.no_grad():
+        weights.w.normal_()
+    norm = HookedNorm(weights, norm_type, 1e-6)
+    norm.hook_scale.name = "hook_scale"
+    x = torch.randn(3, 5, 12)
+    xc = x - x.mean(-1, keepdim=True) if norm_type == "LN" else x
+    fast = norm(x)
+    var = xc.pow(2).mean(-1, keepdim=True) + 1e-6
+    expected = xc * torch.rsqrt(var) * weights.w + (weights.b if weights.b is not None else 0)
+    assert torch.equal(fast, expected)
+    seen = []
+    norm.hook_scale.add_hook(lambda s, hook: seen.append(s))
+    torch.testing.assert_close(norm(x), fast, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seen[0], var.sqrt())
+    norm.hook_scale.remove_hooks()
+    norm.hook_scale.add_hook(lambda s, hook: 2 * s)
+    bias = weights.b if weights.b is not None else 0
+    torch.testing.assert_close(norm(x) - bias, (fast - bias) / 2, rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- rotary
 def rotate_half_reference(x, cos, sin, in_float32):
     """Hugging Face's formula: x * cos + rotate_half(x) * sin with full-width tables."""
@@ -159,3 +204,8 @@ def test_rope_matches_the_reference_formulas(dtype, rot_dim):
         assert torch.equal(apply_rotary(x, cos, sin, "half", in_f32), rotate_half_reference(x, cos, sin, in_f32))
     got = apply_rotary(x, cos, sin, "interleaved", True)
     torch.testing.assert_close(got, complex_reference(x, cos, sin), rtol=1e-5, atol=1e-5)
+    # the forward pass's table-driven version: the same bits
+    inv = rotary_inv_freq(rot_dim, 10000.0)
+    for layout, in_f32 in (("half", False), ("half", True), ("interleaved", True)):
+        tables = rotary_tables(7, inv, layout, dtype, in_f32)
+        assert torch.equal(apply_rotary_tables(x, tables), apply_rotary(x, cos, sin, layout, in_f32))

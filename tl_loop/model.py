@@ -38,7 +38,7 @@ from tl_loop.components.block import BlockWeights, HookedBlock
 from tl_loop.components.embed import Adapter, Embedding, ExitGate, PosEmbedding, TiedUnembedding, Unembedding
 from tl_loop.components.loop import LoopStep
 from tl_loop.components.norm import HookedNorm, NormWeights
-from tl_loop.components.rotary import rotary_cos_sin, rotary_inv_freq
+from tl_loop.components.rotary import RotaryTables, rotary_inv_freq, rotary_tables
 from tl_loop.config import LoopedConfig
 from tl_loop.errors import InputError
 from tl_loop.schedule import Schedule
@@ -140,7 +140,7 @@ class HookedLoopedTransformer(HookedRootModule):
 
         self._views: dict[int, _Views] = {}
         self._readout_views: _Views | None = None
-        self._rotary_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rotary_cache: dict[tuple[int, str, torch.dtype], RotaryTables] = {}
         self._install_views(cfg.n_steps)
         if init_weights:
             self.init_weights(seed)
@@ -436,15 +436,19 @@ class HookedLoopedTransformer(HookedRootModule):
             raise InputError(f"token ids must lie in [0, {self.cfg.d_vocab}), got min {lo} max {hi}")
         return tokens.to(self.W_E.device).long()
 
-    def _rotary(self, n_pos: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _rotary(self, n_pos: int, device: torch.device) -> RotaryTables | None:
+        """RoPE tables for ``n_pos`` positions (cached: built once per length, device and dtype)."""
         if self.cfg.positional_embedding_type != "rotary":
             return None
-        key = (n_pos, str(device))
+        cfg = self.cfg
+        dtype = self.W_E.dtype  # the activations' dtype (also after model.to(dtype))
+        key = (n_pos, str(device), dtype)
         if key not in self._rotary_cache:
-            rot = self.cfg.rotary_dim or self.cfg.d_head
-            inv = rotary_inv_freq(rot, self.cfg.rotary_base, self.cfg.rope_scaling)
+            rot = cfg.rotary_dim or cfg.d_head
+            inv = rotary_inv_freq(rot, cfg.rotary_base, cfg.rope_scaling)
             with torch.inference_mode(False):  # reusable outside inference mode too
-                self._rotary_cache = {key: rotary_cos_sin(n_pos, inv, device)}
+                tables = rotary_tables(n_pos, inv, cfg.rotary_layout, dtype, cfg.rope_in_float32, device)
+            self._rotary_cache = {key: tables}
         return self._rotary_cache[key]
 
     def initial_state(
@@ -642,7 +646,7 @@ class HookedLoopedTransformer(HookedRootModule):
         i: int,
         f: RunFrame,
         start: int,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        rotary: RotaryTables | None,
         on_block: Callable[[RunFrame], None] | None,
     ) -> int:
         """Run effective layer ``i`` on ``f.x`` (unless a resumed pass starts later)."""

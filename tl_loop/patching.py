@@ -707,9 +707,9 @@ def get_act_patch_resid_pre_batched(
     * **No prefix recomputation.** A patch at layer ``L`` changes nothing before ``L``: one
       unpatched corrupted pass records the live state before every layer (residual stream,
       recurrent state, HRM's inner state, the prelude output the loop injects), and each
-      patched copy starts at its own layer from that record. The copies of one pass join it at
-      their layer (the pass starts at the first one), so every layer runs once per patch that
-      can change it, at most, across loop boundaries, injection, state norms and inner cycles.
+      patched copy starts at its own layer from that record: the pass starts at the first
+      copy's layer and the others join the batch at theirs, so a copy runs only the layers its
+      patch can change, across loop boundaries, injection, state norms and inner cycles alike.
 
     ``patching_metric`` is called once per patch, on that copy's logits: a
     ``[batch, pos, d_vocab]`` slice with the corrupted batch's original size, exactly what
@@ -763,7 +763,7 @@ def get_act_patch_resid_pre_batched(
                     f"run's is {(batch, n_pos, base.cfg.d_model)} (prompts must have the same length; the "
                     "clean batch must match or be 1)"
                 )
-            clean.append(value.to(device=tokens.device, dtype=base.cfg.dtype))
+            clean.append(value.to(device=tokens.device))
         copies = batch_size or _default_copies(base, batch, n_pos)
         store = torch.zeros(n_layers, n_pos, device=getattr(base.cfg, "device", None))
 

@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Float
 
-from tl_loop.components.base import LoopHookPoint, WeightView, has_hooks
+from tl_loop.components.base import LoopHookPoint, WeightView, has_hooks, split_projections
 from tl_loop.components.norm import HookedNorm, NormWeights
-from tl_loop.components.rotary import apply_rotary
+from tl_loop.components.rotary import RotaryTables, apply_rotary_tables
 from tl_loop.config import LoopedConfig
 
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -152,7 +152,7 @@ class HookedAttention(WeightView):
     # ---- forward ----
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         w = self.weights
-        if hasattr(w, "w_qkv"):
+        if hasattr(w, "w_qkv") and not split_projections(x):
             bias = None
             if w.b_q is not None or w.b_v is not None:  # one fused projection, biases included
                 zeros_qk = w.w_qkv.new_zeros(w.q_dim + w.kv_dim) if w.b_q is None else None
@@ -160,12 +160,9 @@ class HookedAttention(WeightView):
                 qk = [zeros_qk] if zeros_qk is not None else [w.b_q, w.b_k]
                 bias = torch.cat([*qk, w.b_v if w.b_v is not None else zeros_v])
             q, k, v = F.linear(x, w.w_qkv, bias).split([w.q_dim, w.kv_dim, w.kv_dim], dim=-1)
-        else:
-            q, k, v = F.linear(x, w.w_q), F.linear(x, w.w_k), F.linear(x, w.w_v)
-            if w.b_q is not None:
-                q, k = q + w.b_q, k + w.b_k
-            if w.b_v is not None:
-                v = v + w.b_v
+        else:  # separate matrices, or row blocks of the fused one (views, no copy)
+            w_q, w_k, w_v = w.qkv_weights()
+            q, k, v = F.linear(x, w_q, w.b_q), F.linear(x, w_k, w.b_k), F.linear(x, w_v, w.b_v)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
@@ -173,7 +170,7 @@ class HookedAttention(WeightView):
     def forward(
         self,
         x: Float[torch.Tensor, "batch pos d_model"],
-        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        rotary: RotaryTables | None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
         cfg = self.cfg
         batch, n_pos, _ = x.shape
@@ -182,10 +179,7 @@ class HookedAttention(WeightView):
         k = self.hook_k(k.view(batch, n_pos, -1, cfg.d_head))
         v = self.hook_v(v.view(batch, n_pos, -1, cfg.d_head))
         if rotary is not None:
-            cos, sin = rotary
-            in_f32 = cfg.rope_in_float32
-            q = apply_rotary(q, cos, sin, cfg.rotary_layout, in_f32)
-            k = apply_rotary(k, cos, sin, cfg.rotary_layout, in_f32)
+            q, k = apply_rotary_tables(q, rotary), apply_rotary_tables(k, rotary)
         q, k = self.hook_rot_q(q), self.hook_rot_k(k)
         scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.d_head)
 

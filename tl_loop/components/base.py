@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 import torch.nn.modules.module as _torch_module
 from transformer_lens.hook_points import HookPoint
@@ -32,15 +33,20 @@ def has_hooks(hook_point: nn.Module) -> bool:
     return bool(hook_point._forward_hooks or hook_point._backward_hooks)
 
 
+# torch's global module hooks (``register_module_forward_hook`` & co.): dicts that torch mutates
+# in place and never rebinds, so they are read here directly.
+_GLOBAL_HOOK_DICTS = (
+    _torch_module._global_forward_hooks,
+    _torch_module._global_forward_pre_hooks,
+    _torch_module._global_backward_hooks,
+    _torch_module._global_backward_pre_hooks,
+)
+_GFH, _GFPH, _GBH, _GBPH = _GLOBAL_HOOK_DICTS
+
+
 def _global_module_hooks() -> bool:
-    """Whether torch's global module hooks (``register_module_forward_hook`` & co.) are set."""
-    m = _torch_module
-    return bool(
-        m._global_forward_hooks
-        or m._global_forward_pre_hooks
-        or m._global_backward_hooks
-        or m._global_backward_pre_hooks
-    )
+    """Whether any of torch's global module hooks is set."""
+    return bool(_GFH or _GFPH or _GBH or _GBPH)
 
 
 class LoopHookPoint(HookPoint):
@@ -49,19 +55,63 @@ class LoopHookPoint(HookPoint):
     ``nn.Module.__call__`` goes through ``_wrapped_call_impl`` and ``_call_impl`` (tracing-state
     query, eight hook-dict checks) even for an identity module; a looped model fires hundreds of
     hook points per forward pass. With no hook of any kind attached (its own forward / backward
-    hooks and pre-hooks, or torch's global module hooks) the input is returned directly; otherwise
-    the ordinary module call runs, so TransformerLens hooks, raw torch hooks and backward hooks
-    behave exactly as on a ``HookPoint`` (which this is: ``isinstance(hp, HookPoint)``).
+    hooks and pre-hooks, or torch's global module hooks) the input is returned directly; with plain
+    forward hooks only (what TransformerLens's ``add_hook`` registers) they are called in order,
+    as ``_call_impl`` would call them; anything else (pre-hooks, backward hooks, hooks taking
+    kwargs or ``always_call``, global hooks, tracing) takes the ordinary module call. TransformerLens
+    hooks, raw torch hooks and backward hooks behave exactly as on a ``HookPoint`` (which this is:
+    ``isinstance(hp, HookPoint)``).
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if (
-            self._forward_hooks
-            or self._forward_pre_hooks
+            self._forward_pre_hooks
             or self._backward_hooks
             or self._backward_pre_hooks
-            or _global_module_hooks()
+            or _GFH
+            or _GFPH
+            or _GBH
+            or _GBPH
             or kwargs
         ):
             return super().__call__(*args, **kwargs)
-        return args[0]
+        x = args[0]
+        if not self._forward_hooks:
+            return x
+        if self._forward_hooks_with_kwargs or self._forward_hooks_always_called or torch._C._get_tracing_state():
+            return super().__call__(*args, **kwargs)
+        # Forward hooks only (what TransformerLens attaches): the loop of nn.Module._call_impl,
+        # without its per-call closure and hook-list set-up.
+        for hook in tuple(self._forward_hooks.values()):
+            result = hook(self, args, x)
+            if result is not None:
+                x = result
+        return x
+
+    #: Plain attributes TransformerLens reassigns on every hook removal: set them directly
+    #: (``nn.Module.__setattr__`` would only check they are no parameter, buffer or module).
+    _PLAIN_ATTRIBUTES = frozenset({"fwd_hooks", "bwd_hooks", "ctx", "name"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in LoopHookPoint._PLAIN_ATTRIBUTES and not isinstance(value, (nn.Module, torch.Tensor)):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def remove_hooks(self, dir: Any = "fwd", including_permanent: bool = False, level: Any = None) -> None:
+        """As ``HookPoint.remove_hooks``; returns at once when nothing is attached (the model's
+        ``reset_hooks`` visits every hook point after each ``run_with_hooks`` / ``run_with_cache``)."""
+        if not self.fwd_hooks and not self.bwd_hooks and dir in ("fwd", "bwd", "both"):
+            return
+        super().remove_hooks(dir, including_permanent=including_permanent, level=level)
+
+
+def split_projections(x: torch.Tensor) -> bool:
+    """Whether fused projection matrices (q/k/v, gate/up) run as one GEMM per row block.
+
+    On CPU, BLAS runs two or three narrow GEMMs faster than one wide one for the short inputs of
+    interpretability work (measured: 5-12% faster up to 256 rows, 2-4% slower at 1024; see
+    ``benchmarks/RESULTS.md``). Elsewhere (CUDA) the single fused GEMM is kept: one kernel launch
+    instead of two or three. The row blocks are views of the fused matrix (no copy).
+    """
+    return x.device.type == "cpu"

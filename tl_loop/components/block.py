@@ -24,6 +24,7 @@ from tl_loop.components.attention import AttentionWeights, HookedAttention
 from tl_loop.components.base import LoopHookPoint, WeightView
 from tl_loop.components.mlp import HookedMLP, MLPWeights
 from tl_loop.components.norm import HookedNorm, NormWeights
+from tl_loop.components.rotary import RotaryTables
 from tl_loop.config import LoopedConfig
 
 #: Norm slots of a block and the config flag that enables each.
@@ -79,7 +80,7 @@ class HookedBlock(WeightView):
     def forward(
         self,
         resid_pre: Float[torch.Tensor, "batch pos d_model"],
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rotary: RotaryTables | None = None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
         attn_out = self.hook_attn_out(self._norm("ln1_post", self.attn(self._norm("ln1", resid_pre), rotary)))

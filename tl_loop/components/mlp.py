@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Float
 
-from tl_loop.components.base import LoopHookPoint, WeightView
+from tl_loop.components.base import LoopHookPoint, WeightView, split_projections
 from tl_loop.config import LoopedConfig
 
 ACTIVATIONS = {
@@ -97,7 +97,10 @@ class HookedMLP(WeightView):
 
     def forward(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_model"]:
         w = self.weights
-        if hasattr(w, "w_gate_up"):
+        if hasattr(w, "w_gate_up") and split_projections(x):  # see split_projections
+            gate_w, up_w = w.w_gate_up.split([w.d_mlp, w.d_mlp], dim=0)
+            post = self.act(self.hook_pre(F.linear(x, gate_w))) * self.hook_pre_linear(F.linear(x, up_w))
+        elif hasattr(w, "w_gate_up"):
             pre, pre_linear = F.linear(x, w.w_gate_up).chunk(2, dim=-1)
             post = self.act(self.hook_pre(pre)) * self.hook_pre_linear(pre_linear)
         elif hasattr(w, "w_gate"):

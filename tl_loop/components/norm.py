@@ -5,8 +5,10 @@ Hook points (shapes for a ``[batch, pos, d]`` input)::
     hook_scale       [batch, pos, 1]   sqrt(mean(x^2) + eps) (RMS) or sqrt(var(x) + eps) (LN)
     hook_normalized  [batch, pos, d]   the norm's output (weight and bias applied)
 
-Numerics follow the reference implementations: statistics in float32, the normalised value cast
-back to the input dtype, *then* multiplied by the weight.
+Numerics follow the reference implementations: statistics in float32, ``x * rsqrt(var + eps)``
+cast back to the input dtype, *then* multiplied by the weight. When a hook is attached to
+``hook_scale`` the input is divided by the (possibly replaced) scale instead, which agrees to
+float rounding.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn as nn
 from jaxtyping import Float
 
-from tl_loop.components.base import LoopHookPoint, WeightView
+from tl_loop.components.base import LoopHookPoint, WeightView, has_hooks
 
 
 class NormWeights(nn.Module):
@@ -49,8 +51,14 @@ class HookedNorm(WeightView):
         xf = x.float()
         if self.norm_type == "LN":
             xf = xf - xf.mean(-1, keepdim=True)
-        scale = self.hook_scale((xf.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        y = (xf / scale).to(x.dtype)
+        var = xf.pow(2).mean(-1, keepdim=True) + self.eps
+        if has_hooks(self.hook_scale):
+            # a hook may read or replace the scale: normalise by what it returns
+            y = (xf / self.hook_scale(var.sqrt())).to(x.dtype)
+        else:
+            # x * rsqrt(var) (Hugging Face's RMSNorm, bit for bit): a multiply instead of a
+            # divide over the whole tensor; the scale itself is never needed
+            y = (xf * var.rsqrt()).to(x.dtype)
         if self.weights is not None:
             y = y * self.weights.w
             if self.weights.b is not None:

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -82,3 +82,57 @@ def apply_rotary(
     out = torch.stack([o1, o2], dim=-1).flatten(-2) if layout == "interleaved" else torch.cat([o1, o2], dim=-1)
     out = out.to(x.dtype)
     return out if x_pass.shape[-1] == 0 else torch.cat([out, x_pass], dim=-1)
+
+
+class RotaryTables(NamedTuple):
+    """Full-width RoPE tables for one sequence length, in the dtype the rotation runs in.
+
+    ``cos`` and ``sin_signed`` are ``[pos, 1, rot]`` (broadcast over heads). For ``"half"``,
+    ``cos = [c, c]`` and ``sin_signed = [-s, s]`` pair with ``swap(x) = [x_2, x_1]``; for
+    ``"interleaved"``, ``cos = [c_0, c_0, c_1, c_1, ...]`` and ``sin_signed = [-s_0, s_0, ...]``
+    pair with the pair-swapped ``x``. Then ``x * cos + swap(x) * sin_signed`` is, bit for bit,
+    ``apply_rotary``'s ``x_1 c - x_2 s`` / ``x_2 c + x_1 s`` (negation is exact).
+    """
+
+    cos: torch.Tensor
+    sin_signed: torch.Tensor
+    layout: str
+    rot: int
+
+
+def rotary_tables(
+    n_pos: int,
+    inv_freq: torch.Tensor,
+    layout: str,
+    dtype: torch.dtype,
+    in_float32: bool,
+    device: torch.device | str | None = None,
+) -> RotaryTables:
+    """The tables ``apply_rotary_tables`` uses (computed once per length, see ``RotaryTables``)."""
+    cos, sin = rotary_cos_sin(n_pos, inv_freq, device)  # float32 [pos, half]
+    work_dtype = torch.float32 if (in_float32 or layout == "interleaved") else dtype
+    if layout == "interleaved":
+        cos_full = cos.repeat_interleave(2, dim=-1)
+        sin_signed = torch.stack([-sin, sin], dim=-1).flatten(-2)
+    else:
+        cos_full = torch.cat([cos, cos], dim=-1)
+        sin_signed = torch.cat([-sin, sin], dim=-1)
+    return RotaryTables(
+        cos_full[:, None, :].to(work_dtype), sin_signed[:, None, :].to(work_dtype), layout, 2 * cos.shape[-1]
+    )
+
+
+def apply_rotary_tables(
+    x: Float[torch.Tensor, "batch pos head d_head"], tables: RotaryTables
+) -> Float[torch.Tensor, "batch pos head d_head"]:
+    """``apply_rotary`` with precomputed tables: the same values, four tensor operations."""
+    rot = tables.rot
+    x_rot = x if rot == x.shape[-1] else x[..., :rot]
+    xw = x_rot.to(tables.cos.dtype)
+    if tables.layout == "interleaved":
+        swapped = xw.unflatten(-1, (rot // 2, 2)).flip(-1).flatten(-2)
+    else:
+        half = rot // 2
+        swapped = torch.cat([xw[..., half:], xw[..., :half]], dim=-1)
+    out = (xw * tables.cos + swapped * tables.sin_signed).to(x.dtype)
+    return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
