@@ -182,3 +182,27 @@ def test_native_format_reports_wrong_weights(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing.*embed.W_E|embed.W_E"):
         HookedLoopedTransformer.from_pretrained(str(tmp_path))
+
+
+def test_training_sequences_with_questions_and_recalls():
+    task = VarBindTask(n_statements=6, max_chain=3)
+    rng = random.Random(0)
+    problems = task.batch(rng, 16, [1, 2], "train")
+    tokens, positions, answers = task.encode_with_queries(problems, rng, 3, [1, 2], n_recalls=2)
+    tok = task.tokenizer
+    assert positions.tolist() == [task.n_positions - 1 + 4 * j for j in range(5)]
+    assert tokens.shape == (16, task.n_positions + 4 * 4)
+    # the first question is the single-query prompt itself
+    prompt_tokens, prompt_answers = task.encode(problems)
+    assert torch.equal(tokens[:, : task.n_positions], prompt_tokens)
+    assert torch.equal(answers[:, 0], prompt_answers)
+    # every supervised token is the next token of the sequence (the last one is cut off)
+    assert torch.equal(tokens[:, positions[:-1] + 1], answers[:, :-1])
+    for p, row, ans in zip(problems, tokens.tolist(), answers.tolist()):
+        statements = dict(p.statements)
+        for j in (1, 2):  # recalls: "v=" asks for v's right-hand side in the prompt
+            var, marker = tok.decode([row[positions[j] - 1]]), tok.decode([row[positions[j]]])
+            assert marker == "=" and tok.decode([ans[j]]) == statements[var]
+        for j in (3, 4):  # questions: "v?" asks for the digit at the end of v's chain
+            assert tok.decode([row[positions[j]]]) == "?"
+            assert tok.decode([ans[j]]) in DIGITS

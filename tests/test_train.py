@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import random
 from dataclasses import replace
@@ -71,7 +72,9 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, backprop_steps):
     logs = [(tmp_path / d / "train_log.csv").read_text().splitlines() for d in ("straight", "resumed")]
     strip = [[",".join(line.split(",")[:-1]) for line in log] for log in logs]  # drop elapsed_s
     assert strip[0] == strip[1]
-    assert train(cfg, tmp_path / "resumed", progress=False).iteration == cfg.iterations  # nothing left
+    again = train(cfg, tmp_path / "resumed", progress=False)  # nothing left to train
+    assert again.iteration == cfg.iterations
+    assert again.final_loss == pytest.approx(straight.final_loss, abs=1e-5)  # from the log
     with pytest.raises(ValueError, match="another configuration"):
         train(replace(cfg, lr=1e-2), tmp_path / "resumed", progress=False)
 
@@ -141,3 +144,14 @@ def test_recipes_are_well_formed():
     assert base.n_steps == 1 and base.effective_depth(1) == looped.effective_depth(3)
     with pytest.raises(KeyError):
         get_recipe("nope")
+
+
+def test_a_checkpoint_from_before_a_new_config_field_resumes(tmp_path):
+    """A field added to TrainConfig later (here ``recalls``) takes its default on resume."""
+    cfg = tiny_config(checkpoint_every=2)
+    train(cfg, tmp_path, progress=False, stop_at=4)
+    state_file = tmp_path / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["recalls"]
+    state_file.write_text(json.dumps(state))
+    assert train(cfg, tmp_path, progress=False).iteration == cfg.iterations

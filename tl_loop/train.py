@@ -68,6 +68,7 @@ class TrainConfig:
     task: dict[str, Any] = field(default_factory=dict)
     train_hops: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     queries: int = 1  # questions per training sequence (the first is the problem; see encode_with_queries)
+    recalls: int = 0  # repeated statements per training sequence, supervised on their right-hand side
     iterations: int = 2000
     batch_size: int = 64
     lr: float = 2e-3
@@ -119,7 +120,7 @@ class TrainConfig:
 
     def make_model_config(self) -> LoopedConfig:
         task = self.make_task()
-        values = dict(d_vocab=task.tokenizer.vocab_size, n_ctx=task.n_positions + 4 * max(self.queries - 1, 0))
+        values = dict(d_vocab=task.tokenizer.vocab_size, n_ctx=task.n_positions + 4 * max(self.queries + self.recalls - 1, 0))
         values.update(self.model)
         values.setdefault("family", "tl_loop")
         values.setdefault("model_name", f"tl-loop/{self.name}")
@@ -247,9 +248,10 @@ def load_checkpoint(out: Path, model: HookedLoopedTransformer, optimizer: torch.
 
     folder = out / CHECKPOINT_DIR
     state = json.loads((folder / "state.json").read_text())
-    if state["config"] != cfg.to_dict():
-        diff = sorted(k for k in set(state["config"]) | set(cfg.to_dict())
-                      if state["config"].get(k) != cfg.to_dict().get(k))
+    # a field added to TrainConfig after the checkpoint was written takes its default
+    saved, wanted = TrainConfig.from_dict(state["config"]).to_dict(), cfg.to_dict()
+    if saved != wanted:
+        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         raise ValueError(f"{folder} was written by another configuration (differs in {diff}); "
                          "use another --out or pass resume=False")
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
@@ -323,7 +325,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool
             rng = batch_rng(cfg, iteration)
             n_steps = sample_n_steps(rng, cfg)
             problems = task.batch(rng, cfg.batch_size, cfg.train_hops, "train")
-            tokens, positions, answers = task.encode_with_queries(problems, rng, cfg.queries, cfg.train_hops)
+            tokens, positions, answers = task.encode_with_queries(problems, rng, cfg.queries, cfg.train_hops, cfg.recalls)
             lr = learning_rate(cfg, iteration)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -349,6 +351,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool
                 save_checkpoint(out, model, optimizer, cfg, done, time.perf_counter() - t0)
         bar.close()
         log_file.close()
+        if math.isnan(loss_value) and start > 0:  # resumed a finished run: its last logged loss
+            with open(log_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            loss_value = float(rows[-1]["loss"]) if rows else loss_value
         model.eval()
         elapsed = time.perf_counter() - t0
         return TrainResult(model=model, out=out, iteration=max(end, start), elapsed_s=elapsed, final_loss=loss_value)
@@ -407,8 +413,8 @@ def finish(result: TrainResult, cfg: TrainConfig, export_to: Path | None = None)
         "",
         cfg.description,
         "",
-        f"Retrain from scratch with `python -m tl_loop.train recipe {cfg.name}` (add `--install` to "
-        "overwrite this folder). Everything below was written by that command.",
+        f"Retrain from scratch with `python -m tl_loop.train recipe {cfg.name}{_cli_overrides(cfg)}` (add "
+        "`--install` to overwrite this folder). Everything below was written by that command.",
         "",
         "## Model",
         "",
@@ -428,7 +434,7 @@ def finish(result: TrainResult, cfg: TrainConfig, export_to: Path | None = None)
         "",
         f"{cfg.eval_n} held-out problems per row (test split: prompts whose hash falls in the held-out "
         f"{100 * task.test_fraction:.0f}%, never trained on); a prediction is the arg-max over the whole vocabulary. "
-        "Chance is about 10%.",
+        f"Guessing among the digits that end a chain in the prompt scores {_guessing_text(task, cfg)}.",
         "",
         markdown_table(table, marks=marks),
         "",
@@ -442,6 +448,24 @@ def finish(result: TrainResult, cfg: TrainConfig, export_to: Path | None = None)
     ]
     (folder / "REPORT.md").write_text("\n".join(lines))
     return folder
+
+
+def _cli_overrides(cfg: TrainConfig) -> str:
+    """The command-line options that turn the named recipe into ``cfg`` (iterations only)."""
+    recipe = RECIPES.get(cfg.name)
+    if recipe is not None and recipe.iterations != cfg.iterations:
+        return f" --iterations {cfg.iterations}"
+    return ""
+
+
+def _guessing_text(task: VarBindTask, cfg: TrainConfig) -> str:
+    """Accuracy of a uniform guess among the prompt's chain digits, by hops (the level a model
+    reaches without following any link)."""
+    parts = []
+    for h in cfg.eval_hops:
+        problems = task.dataset(h, cfg.eval_n, split="test", seed=0)
+        parts.append(f"{100 * sum(1 / len(p.chains()) for p in problems) / len(problems):.0f}% ({h} hops)")
+    return ", ".join(parts)
 
 
 def _write_loss_files(log_path: Path, folder: Path) -> None:
@@ -478,6 +502,8 @@ RECIPES: dict[str, TrainConfig] = {
         model=dict(_BASE_MODEL, n_prelude_layers=1, n_core_layers=2, n_coda_layers=1, n_steps=8,
                    injection="add", state_init="zeros", norm_between_steps=True, loop_norm_weights="own"),
         task=_TASK,
+        queries=4,
+        recalls=4,
         iterations=2000,
         step_distribution="lognormal_poisson",
         mean_steps=4.0,
@@ -494,6 +520,8 @@ RECIPES: dict[str, TrainConfig] = {
         model=dict(_BASE_MODEL, n_prelude_layers=1, n_core_layers=6, n_coda_layers=1, n_steps=1,
                    injection="none", state_init="prelude"),
         task=_TASK,
+        queries=4,
+        recalls=4,
         iterations=2000,
         step_distribution="fixed",
         min_steps=1,

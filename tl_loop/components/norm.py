@@ -48,7 +48,8 @@ class HookedNorm(WeightView):
         return None if self.weights is None else self.weights.b
 
     def forward(self, x: Float[torch.Tensor, "... d"]) -> Float[torch.Tensor, "... d"]:
-        xf = x.float()
+        # statistics in float32 (never below: float64 stays float64)
+        xf = x if x.dtype == torch.float64 else x.float()
         if self.norm_type == "LN":
             xf = xf - xf.mean(-1, keepdim=True)
         var = xf.pow(2).mean(-1, keepdim=True) + self.eps

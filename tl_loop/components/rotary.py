@@ -71,10 +71,11 @@ def apply_rotary(
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     if layout == "interleaved":
-        work_dtype = torch.float32  # Huginn rotates in float32 and casts back
+        # Huginn rotates in float32 and casts back (float64 stays float64)
+        work_dtype = torch.promote_types(x.dtype, torch.float32)
         x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
     else:
-        work_dtype = torch.float32 if in_float32 else x.dtype
+        work_dtype = torch.promote_types(x.dtype, torch.float32) if in_float32 else x.dtype
         x1, x2 = x_rot[..., :half], x_rot[..., half:]
         cos, sin = cos.to(work_dtype), sin.to(work_dtype)
     x1, x2 = x1.to(work_dtype), x2.to(work_dtype)
@@ -110,7 +111,7 @@ def rotary_tables(
 ) -> RotaryTables:
     """The tables ``apply_rotary_tables`` uses (computed once per length, see ``RotaryTables``)."""
     cos, sin = rotary_cos_sin(n_pos, inv_freq, device)  # float32 [pos, half]
-    work_dtype = torch.float32 if (in_float32 or layout == "interleaved") else dtype
+    work_dtype = torch.promote_types(dtype, torch.float32) if (in_float32 or layout == "interleaved") else dtype
     if layout == "interleaved":
         cos_full = cos.repeat_interleave(2, dim=-1)
         sin_signed = torch.stack([-sin, sin], dim=-1).flatten(-2)

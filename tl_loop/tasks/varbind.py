@@ -298,29 +298,43 @@ class VarBindTask:
         return tokens, answers
 
     def encode_with_queries(
-        self, problems: list[Problem], rng: random.Random, n_queries: int, hops: list[int] | tuple[int, ...]
+        self,
+        problems: list[Problem],
+        rng: random.Random,
+        n_queries: int,
+        hops: list[int] | tuple[int, ...],
+        n_recalls: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training sequences that ask ``n_queries`` questions about the same statements::
 
-            <bos>q=4;k=q;c=1;k?4;c?1;q?4
+            <bos>q=4;k=q;c=1;k?4;c=1;k=q;c?1;q?4        (n_queries=3, n_recalls=2)
 
         The first question is the problem itself (its prompt is a prefix, so the answer slot of
-        the first question sees exactly the single-query prompt); the others ask about variables
-        at a hop count in ``hops``. More supervised tokens per sequence, same statements.
-        Returns ``(tokens [batch, pos], answer_pos [n_queries], answers [batch, n_queries])``;
+        the first question sees exactly the single-query prompt); then come ``n_recalls``
+        *recalls*, statements of the prompt repeated (``v=`` is supervised to predict the same
+        right-hand side: one link followed, a variable or a digit), then the other questions, about
+        variables at a hop count in ``hops``. Recalls train the lookup every hop repeats (find the
+        statement of a variable, read its right-hand side) with a direct signal, which shortens the
+        plateau before it is found. Every segment is 4 tokens and is supervised at its third.
+        Returns ``(tokens [batch, pos], answer_pos [segments], answers [batch, segments])``;
         ``tokens`` stop before the last answer.
         """
         tok = self.tokenizer
         rows, answers = [], []
         for p in problems:
             text, ans = p.text, [p.answer]
+            for i in (rng.choices(range(len(p.statements)), k=n_recalls) if n_recalls else []):
+                lhs, rhs = p.statements[i]
+                text += f";{lhs}={rhs}"
+                ans.append(rhs)
             for var, value in self._extra_queries(p, rng, n_queries - 1, hops):
                 text += f";{var}?{value}"
                 ans.append(value)
             rows.append([tok.bos_token_id, *tok.encode(text)][:-1])
             answers.append(tok.encode("".join(ans)))
         first = self.n_positions - 1
-        answer_pos = torch.tensor([first + 4 * q for q in range(n_queries)], dtype=torch.long)
+        n_segments = n_queries + n_recalls
+        answer_pos = torch.tensor([first + 4 * q for q in range(n_segments)], dtype=torch.long)
         return torch.tensor(rows, dtype=torch.long), answer_pos, torch.tensor(answers, dtype=torch.long)
 
     @staticmethod
