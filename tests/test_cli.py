@@ -40,3 +40,10 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "tl_loop", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "report" in result.stdout
+
+
+def test_report_on_the_embedded_model_needs_no_arguments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--no-progress", "--steps", "4"]) == 0
+    html = (tmp_path / "report.html").read_text()
+    assert "<html" in html.lower() and "plotly" in html.lower()

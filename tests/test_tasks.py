@@ -206,3 +206,32 @@ def test_training_sequences_with_questions_and_recalls():
         for j in (3, 4):  # questions: "v?" asks for the digit at the end of v's chain
             assert tok.decode([row[positions[j]]]) == "?"
             assert tok.decode([ans[j]]) in DIGITS
+
+
+def test_statement_encoding_one_token_per_statement(tmp_path):
+    task = VarBindTask(n_statements=6, max_chain=3, encoding="statements")
+    tok = task.tokenizer
+    assert tok.vocab_size == 43 + 26 * 35  # characters, then every statement x=y; with y != x
+    rng = random.Random(1)
+    for hops in (1, 2, 3):
+        p = task.sample(rng, hops)
+        assert p.encoding == "statements" and p.prompt.endswith(f"?{p.query}")
+        tokens, answers = task.encode([p])
+        assert tokens.shape == (1, task.n_positions) == (1, 1 + 6 + 2)
+        pieces = tok.convert_ids_to_tokens(tokens[0].tolist())
+        assert pieces[1:7] == [f"{a}={b};" for a, b in p.statements] and pieces[7:] == ["?", p.query]
+        m = p.mechanism
+        assert m.answer_pos == m.query_pos == task.n_positions - 1 and m.n_statements == 6
+        for i, pos in zip(m.path, m.lhs_pos):
+            assert pieces[pos] == f"{p.statements[i][0]}={p.statements[i][1]};"
+        assert m.value_pos == m.rhs_pos[-1] and set(m.distractor_positions).isdisjoint(m.lhs_pos)
+        assert tok.decode(answers) == p.answer == p.links()[-1] and len(p.links()) == hops
+        # corruptions keep the encoding
+        assert corrupt_root(p, rng).encoding == "statements"
+    saved = tok.save_pretrained(tmp_path)
+    assert CharTokenizer.from_pretrained(saved).convert_ids_to_tokens(list(range(tok.vocab_size))) == \
+        tok.convert_ids_to_tokens(list(range(tok.vocab_size)))
+    with pytest.raises(ValueError, match="recalls"):
+        task.encode_training([p], rng, 1, [1], n_recalls=1)
+    with pytest.raises(ValueError, match="encoding"):
+        VarBindTask(encoding="bytes")

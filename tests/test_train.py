@@ -22,6 +22,7 @@ from tl_loop.train import (
     get_recipe,
     learning_rate,
     sample_n_steps,
+    step_logits_train,
     train,
 )
 
@@ -141,7 +142,9 @@ def test_recipes_are_well_formed():
     assert get_recipe("tl-loop/varbind-baseline") == RECIPES["varbind-baseline"]
     looped, base = (get_recipe(n).make_model_config() for n in ("looped", "baseline"))
     assert looped.d_model == base.d_model and looped.injection != "none" and looped.n_prelude_layers >= 1
-    assert base.n_steps == 1 and base.effective_depth(1) == looped.effective_depth(3)
+    assert base.n_steps == 1 and base.effective_depth(1) == looped.effective_depth(6)
+    recipes = [get_recipe(n) for n in ("looped", "baseline")]
+    assert recipes[0].task == recipes[1].task and recipes[0].train_hops == recipes[1].train_hops  # same data
     with pytest.raises(KeyError):
         get_recipe("nope")
 
@@ -155,3 +158,25 @@ def test_a_checkpoint_from_before_a_new_config_field_resumes(tmp_path):
     del state["config"]["recalls"]
     state_file.write_text(json.dumps(state))
     assert train(cfg, tmp_path, progress=False).iteration == cfg.iterations
+
+
+def test_step_supervision_reads_out_every_step_like_step_logits(tmp_path):
+    """The per-step training logits are ``model.step_logits`` (with gradients), and the targets
+    follow one link per step."""
+    cfg = tiny_config(task=dict(n_statements=4, encoding="statements"), step_supervision=True,
+                      step_distribution="fixed", queries=2)
+    model = build_model(cfg)
+    task = cfg.make_task()
+    problems = task.batch(random.Random(0), 8, [1, 2], "train")
+    batch = task.encode_training(problems, random.Random(0), 2, [1, 2], n_steps=4)
+    logits = step_logits_train(model, batch.tokens, 4, batch.positions)
+    assert logits.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model.step_logits(batch.tokens, n_steps=4)[:, :, batch.positions])
+    for p, targets in zip(problems, batch.step_answers[:, 0].tolist()):
+        links = p.links()
+        assert task.tokenizer.decode(targets) == "".join(links[min(r, len(links)) - 1] for r in range(1, 5))
+    result = train(cfg, tmp_path, progress=False)
+    assert math.isfinite(result.final_loss)
+    with pytest.raises(ValueError, match="step_supervision"):
+        tiny_config(step_supervision=True, backprop_steps=2)

@@ -26,6 +26,11 @@ def _tokens(model, prompt: str | None, token_ids: str | None) -> torch.Tensor:
     if token_ids:
         return torch.tensor([[int(t) for t in token_ids.replace(",", " ").split()]])
     if prompt is None:
+        if "task" in model.cfg.extra:  # a model trained by tl-loop: one of its held-out problems
+            from tl_loop.pretrained import task_for
+
+            task = task_for(model)
+            return task.encode(task.dataset(hops=min(3, task.max_hops), n=1, split="test"))[0]
         raise SystemExit("error: give --prompt TEXT (or --tokens 1,2,3 for a model without tokenizer)")
     return model.to_tokens(prompt)
 
@@ -38,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("--steps", type=int, default=None, help="number of recurrent steps")
     report = sub.add_parser("report", help="write an HTML report with the loop analyses")
     report.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    report.add_argument("--prompt", default=None, help="text prompt (needs a tokenizer)")
+    report.add_argument("--prompt", default=None,
+                        help="text prompt (needs a tokenizer; default for a tl-loop-trained model: a held-out problem)")
     report.add_argument("--tokens", default=None, help="token ids, e.g. 1,2,3 (instead of --prompt)")
     report.add_argument("--steps", type=int, default=None, help="number of recurrent steps")
     report.add_argument("--out", default="report.html", help="output HTML file")

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from tl_loop.config import LoopedConfig
 from tl_loop.model import HookedLoopedTransformer
 from tl_loop.tasks.report import accuracy_table, ema, markdown_table, svg_line_plot, write_table_csv
-from tl_loop.tasks.varbind import VarBindTask, make_tokenizer
+from tl_loop.tasks.varbind import VarBindTask
 
 StepDistribution = Literal["lognormal_poisson", "uniform", "fixed"]
 
@@ -84,6 +84,9 @@ class TrainConfig:
     min_steps: int = 1
     max_train_steps: int = 8
     backprop_steps: int | None = None  # truncated backprop: gradient through the last k steps only
+    #: supervise the logits read out after every step on the link reached after that many steps
+    #: (one hop per step; the digit once the chain has ended) instead of the last step's answer
+    step_supervision: bool = False
     # bookkeeping
     seed: int = 0
     threads: int = 2
@@ -106,6 +109,8 @@ class TrainConfig:
             raise ValueError("need 1 <= min_steps <= max_train_steps")
         if self.backprop_steps is not None and self.backprop_steps < 1:
             raise ValueError("backprop_steps must be >= 1 (or None for full backpropagation)")
+        if self.step_supervision and (self.backprop_steps is not None or self.recalls):
+            raise ValueError("step_supervision works with full backpropagation and without recalls")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -120,7 +125,7 @@ class TrainConfig:
 
     def make_model_config(self) -> LoopedConfig:
         task = self.make_task()
-        values = dict(d_vocab=task.tokenizer.vocab_size, n_ctx=task.n_positions + 4 * max(self.queries + self.recalls - 1, 0))
+        values = dict(d_vocab=task.tokenizer.vocab_size, n_ctx=task.n_positions + task.segment_length * max(self.queries + self.recalls - 1, 0))
         values.update(self.model)
         values.setdefault("family", "tl_loop")
         values.setdefault("model_name", f"tl-loop/{self.name}")
@@ -206,8 +211,25 @@ def answer_logits_train(model: HookedLoopedTransformer, tokens: torch.Tensor, n_
     return model(tokens, n_steps=backprop_steps, init_state=state)[:, positions]
 
 
+def step_logits_train(model: HookedLoopedTransformer, tokens: torch.Tensor, n_steps: int,
+                      positions: Any) -> torch.Tensor:
+    """Logits at ``positions`` read out after every one of ``n_steps`` steps, with gradients:
+    ``[n_steps, batch, len(positions), d_vocab]`` (the state each step hands on, through the coda
+    and the head, as ``model.step_logits``)."""
+    from tl_loop.readout import read_out
+
+    states: list[torch.Tensor] = []
+    with model.steps(n_steps):
+        sched = model.schedule
+        last = sched.layers_per_step - 1
+        hooks = [(f"blocks.{sched.index(r, last)}.hook_resid_post", lambda x, hook: states.append(x))
+                 for r in range(n_steps)]
+        model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+    return read_out(model, torch.stack(states)[:, :, : int(max(positions)) + 1])[:, :, positions]
+
+
 def build_model(cfg: TrainConfig) -> HookedLoopedTransformer:
-    return HookedLoopedTransformer(cfg.make_model_config(), tokenizer=make_tokenizer(), seed=cfg.seed)
+    return HookedLoopedTransformer(cfg.make_model_config(), tokenizer=cfg.make_task().tokenizer, seed=cfg.seed)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -325,12 +347,19 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool
             rng = batch_rng(cfg, iteration)
             n_steps = sample_n_steps(rng, cfg)
             problems = task.batch(rng, cfg.batch_size, cfg.train_hops, "train")
-            tokens, positions, answers = task.encode_with_queries(problems, rng, cfg.queries, cfg.train_hops, cfg.recalls)
+            batch = task.encode_training(problems, rng, cfg.queries, cfg.train_hops, cfg.recalls,
+                                         n_steps if cfg.step_supervision else 0)
+            tokens, positions, answers = batch.tokens, batch.positions, batch.answers
             lr = learning_rate(cfg, iteration)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits = answer_logits_train(model, tokens, n_steps, cfg.backprop_steps, positions)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), answers.flatten())
+            if cfg.step_supervision:
+                logits = step_logits_train(model, tokens, n_steps, positions)  # [step, batch, segment, vocab]
+                targets = batch.step_answers.permute(2, 0, 1)  # type: ignore[union-attr]
+                loss = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten())
+            else:
+                logits = answer_logits_train(model, tokens, n_steps, cfg.backprop_steps, positions)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), answers.flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -488,44 +517,41 @@ def _write_loss_files(log_path: Path, folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- recipes
-_TASK = dict(n_statements=12, max_extra=2, max_chain=8, test_fraction=0.1)
-_BASE_MODEL = dict(d_model=128, d_head=32, n_heads=4, d_mlp=256, normalization_type="RMS")
+_TASK = dict(n_statements=8, max_extra=2, max_chain=4, test_fraction=0.1, encoding="statements")
+_BASE_MODEL = dict(d_model=64, d_head=16, n_heads=4, d_mlp=128, normalization_type="RMS")
+_TRAINING = dict(task=_TASK, train_hops=(1, 2, 3, 4), eval_hops=(1, 2, 3, 4, 5, 6, 7), queries=4,
+                 iterations=10000, batch_size=32, lr=3e-3, warmup=0, min_lr_ratio=1.0)
 
 RECIPES: dict[str, TrainConfig] = {
     "varbind-looped": TrainConfig(
         name="varbind-looped",
         description=(
             "A looped transformer (prelude / recurrent block / coda with additive input injection) "
-            "trained on multi-hop variable binding with a random number of recurrent steps per "
-            "batch, so that it keeps improving when given more steps at inference."
+            "trained on multi-hop variable binding (one token per statement) with the logits after "
+            "every one of 8 recurrent steps supervised on the link reached at that step: one hop "
+            "per step."
         ),
-        model=dict(_BASE_MODEL, n_prelude_layers=1, n_core_layers=2, n_coda_layers=1, n_steps=8,
+        model=dict(_BASE_MODEL, n_prelude_layers=1, n_core_layers=1, n_coda_layers=1, n_steps=8,
                    injection="add", state_init="zeros", norm_between_steps=True, loop_norm_weights="own"),
-        task=_TASK,
-        queries=4,
-        recalls=4,
-        iterations=2000,
-        step_distribution="lognormal_poisson",
-        mean_steps=4.0,
-        steps_sigma=0.5,
+        step_distribution="fixed",
         min_steps=1,
         max_train_steps=8,
+        step_supervision=True,
+        **_TRAINING,  # type: ignore[arg-type]
     ),
     "varbind-baseline": TrainConfig(
         name="varbind-baseline",
         description=(
             "The feedforward baseline of tl-loop/varbind-looped: the same width and task, 8 distinct "
-            "layers run once (the looped model's effective depth at 3 steps), trained on the same data."
+            "layers run once (the looped model's effective depth at 6 steps), trained on the same "
+            "data, on the answer."
         ),
         model=dict(_BASE_MODEL, n_prelude_layers=1, n_core_layers=6, n_coda_layers=1, n_steps=1,
                    injection="none", state_init="prelude"),
-        task=_TASK,
-        queries=4,
-        recalls=4,
-        iterations=2000,
         step_distribution="fixed",
         min_steps=1,
         max_train_steps=1,
+        **_TRAINING,  # type: ignore[arg-type]
     ),
 }
 ALIASES = {"looped": "varbind-looped", "baseline": "varbind-baseline"}

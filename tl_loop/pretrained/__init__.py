@@ -22,8 +22,8 @@ PREFIX = "tl-loop/"
 
 #: name -> one-line description
 MODELS: dict[str, str] = {
-    "varbind-looped": "looped transformer (1 prelude + 2 recurrent + 1 coda layers, d_model 128) trained on "
-    "multi-hop variable binding with 1-8 random recurrent steps per batch",
+    "varbind-looped": "looped transformer (1 prelude + 1 recurrent + 1 coda layers, d_model 64) trained on "
+    "multi-hop variable binding, one hop per recurrent step",
     "varbind-baseline": "feedforward baseline of varbind-looped: 8 layers of the same width, same data",
 }
 

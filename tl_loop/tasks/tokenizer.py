@@ -50,13 +50,20 @@ class CharTokenizer:
     attributes, ``padding_side``, ``save_pretrained`` / ``from_pretrained``.
     """
 
-    def __init__(self, chars: str, padding_side: str = "right") -> None:
+    def __init__(self, chars: str, padding_side: str = "right", words: Sequence[str] = ()) -> None:
         if len(set(chars)) != len(chars):
             raise ValueError("CharTokenizer: chars must be distinct")
+        words = tuple(words)
+        if len(set(words)) != len(words) or any(len(w) < 2 or w in SPECIAL_TOKENS for w in words):
+            raise ValueError("CharTokenizer: words must be distinct, of 2 characters or more, not special tokens")
         self.chars = chars
+        self.words = words  # multi-character tokens, after the characters; matched before them
         self.vocab: dict[str, int] = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
         for c in chars:
             self.vocab[c] = len(self.vocab)
+        for w in words:
+            self.vocab[w] = len(self.vocab)
+        self._word_lengths = sorted({len(w) for w in words}, reverse=True)
         self.ids_to_tokens = {i: t for t, i in self.vocab.items()}
         self.bos_token: str | None = "<bos>"
         self.eos_token: str | None = "<eos>"
@@ -114,7 +121,8 @@ class CharTokenizer:
 
     # ---- encoding ----
     def tokenize(self, text: str) -> list[str]:
-        """Split ``text`` into tokens: special-token strings first, then single characters."""
+        """Split ``text`` into tokens: special-token strings first, then the longest matching
+        word, then single characters."""
         out: list[str] = []
         i = 0
         while i < len(text):
@@ -124,6 +132,11 @@ class CharTokenizer:
                     out.append(special)
                     i += len(special)
                     continue
+            word = next((text[i:i + n] for n in self._word_lengths if text[i:i + n] in self.vocab), None)
+            if word is not None:
+                out.append(word)
+                i += len(word)
+                continue
             out.append(text[i])
             i += 1
         return out
@@ -132,7 +145,7 @@ class CharTokenizer:
         """Token ids of ``text`` (``add_special_tokens=True`` prepends ``<bos>``); characters
         outside the vocabulary become ``<unk>``."""
         unk = self.vocab["<unk>"]
-        if "<" in text:
+        if "<" in text or self.words:
             ids = [self.vocab.get(t, unk) for t in self.tokenize(text)]
         else:
             ids = [self._lookup.get(c, unk) for c in text]
@@ -198,8 +211,11 @@ class CharTokenizer:
 
     # ---- files ----
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "CharTokenizer", "chars": self.chars, "special_tokens": list(SPECIAL_TOKENS),
+        data = {"type": "CharTokenizer", "chars": self.chars, "special_tokens": list(SPECIAL_TOKENS),
                 "padding_side": self.padding_side}
+        if self.words:
+            data["words"] = list(self.words)
+        return data
 
     def save_pretrained(self, folder: str | Path) -> Path:
         path = Path(folder) / TOKENIZER_FILE
@@ -215,7 +231,8 @@ class CharTokenizer:
         data = json.loads(path.read_text())
         if data.get("type") != "CharTokenizer" or tuple(data.get("special_tokens", ())) != SPECIAL_TOKENS:
             raise ValueError(f"{path} is not a CharTokenizer file")
-        return cls(data["chars"], padding_side=data.get("padding_side", "right"))
+        return cls(data["chars"], padding_side=data.get("padding_side", "right"), words=data.get("words", ()))
 
     def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size}, chars={self.chars!r})"
+        words = f", words={len(self.words)}" if self.words else ""
+        return f"CharTokenizer(vocab_size={self.vocab_size}, chars={self.chars!r}{words})"

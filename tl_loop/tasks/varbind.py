@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -51,10 +51,21 @@ DIGITS = "0123456789"
 CHARS = VARIABLES + DIGITS + "=;?"
 
 
-def make_tokenizer() -> CharTokenizer:
+def make_tokenizer(encoding: str = "chars", variables: str = VARIABLES) -> CharTokenizer:
     """The tokenizer of the task (and of the shipped models): ``<pad> <bos> <eos> <unk>``,
-    ``a``-``z``, ``0``-``9``, ``=``, ``;``, ``?`` -- 43 tokens."""
-    return CharTokenizer(CHARS)
+    ``a``-``z``, ``0``-``9``, ``=``, ``;``, ``?`` -- 43 tokens; with the ``"statements"``
+    encoding also one token per possible statement ``x=y;`` (``x`` a variable, ``y`` another
+    variable or a digit).
+
+    >>> make_tokenizer("statements").tokenize("a=7;b=a;?b")
+    ['a=7;', 'b=a;', '?', 'b']
+    """
+    if encoding == "chars":
+        return CharTokenizer(CHARS)
+    if encoding != "statements":
+        raise ValueError(f"unknown encoding {encoding!r}: 'chars' or 'statements'")
+    words = [f"{x}={y};" for x in variables for y in variables + DIGITS if y != x]
+    return CharTokenizer(CHARS, words=words)
 
 
 @dataclass(frozen=True)
@@ -73,13 +84,21 @@ class Mechanism:
     answer_pos: int  # the last prompt position: its logits predict the answer
     value_pos: int  # the position of the answer digit in the prompt (rhs of the root)
     n_positions: int  # prompt length in tokens, <bos> included
+    encoding: str = "chars"  # "chars": 4 tokens per statement; "statements": one token per statement
 
     @property
     def hops(self) -> int:
         return len(self.path)
 
+    @property
+    def n_statements(self) -> int:
+        return self.n_positions - 3 if self.encoding == "statements" else (self.n_positions - 3) // 4
+
     def statement_positions(self, i: int) -> tuple[int, int, int, int]:
-        """Token positions of statement ``i``: (lhs, "=", rhs, ";")."""
+        """Token positions of statement ``i``: (lhs, "=", rhs, ";"); with the ``"statements"``
+        encoding all four are the statement's one token."""
+        if self.encoding == "statements":
+            return (1 + i,) * 4  # type: ignore[return-value]
         start = 1 + 4 * i
         return start, start + 1, start + 2, start + 3
 
@@ -92,13 +111,12 @@ class Mechanism:
     def distractor_positions(self) -> tuple[int, ...]:
         """lhs / rhs positions of statements that are not on the path (changing them cannot
         change the answer, as long as every chain keeps its own digit)."""
-        n_statements = (self.query_pos - 1) // 4
         on_path = set(self.path)
-        out = []
-        for i in range(n_statements):
+        out: list[int] = []
+        for i in range(self.n_statements):
             if i not in on_path:
                 lhs, _, rhs, _ = self.statement_positions(i)
-                out += [lhs, rhs]
+                out += [lhs, rhs] if rhs != lhs else [lhs]
         return tuple(out)
 
     def mask(self) -> torch.Tensor:
@@ -115,11 +133,14 @@ class Problem:
     statements: tuple[tuple[str, str], ...]  # (lhs, rhs) in prompt order
     query: str
     hops: int
+    encoding: str = "chars"  # see VarBindTask.encoding
 
     @property
     def prompt(self) -> str:
-        """The text without ``<bos>`` and without the answer, ending in ``"?"``."""
-        return "".join(f"{lhs}={rhs};" for lhs, rhs in self.statements) + f"{self.query}?"
+        """The text without ``<bos>`` and without the answer: the statements, then ``"k?"``
+        (``"?k"`` with the ``"statements"`` encoding, whose answer slot is the variable itself)."""
+        query = f"?{self.query}" if self.encoding == "statements" else f"{self.query}?"
+        return "".join(f"{lhs}={rhs};" for lhs, rhs in self.statements) + query
 
     @property
     def text(self) -> str:
@@ -143,10 +164,30 @@ class Problem:
     def answer(self) -> str:
         return self.statements[self.path[-1]][1]
 
+    def links(self, var: str | None = None) -> tuple[str, ...]:
+        """The chain followed from ``var`` (default: the query): the right side reached after
+        1, 2, ... links, ending with the digit."""
+        rhs = dict(self.statements)
+        out = [rhs[self.query if var is None else var]]
+        while out[-1] not in DIGITS:
+            out.append(rhs[out[-1]])
+        return tuple(out)
+
     @property
     def mechanism(self) -> Mechanism:
         path = self.path
         n = len(self.statements)
+        if self.encoding == "statements":
+            return Mechanism(
+                path=path,
+                lhs_pos=tuple(1 + i for i in path),
+                rhs_pos=tuple(1 + i for i in path),
+                query_pos=2 + n,
+                answer_pos=2 + n,
+                value_pos=1 + path[-1],
+                n_positions=3 + n,
+                encoding="statements",
+            )
         return Mechanism(
             path=path,
             lhs_pos=tuple(1 + 4 * i for i in path),
@@ -194,6 +235,15 @@ class Problem:
         return replace(new, hops=len(new.path))
 
 
+class TrainingBatch(NamedTuple):
+    """Training sequences (see :meth:`VarBindTask.encode_training`)."""
+
+    tokens: torch.Tensor  # [batch, pos]
+    positions: torch.Tensor  # [segments]: the answer slots
+    answers: torch.Tensor  # [batch, segments]
+    step_answers: torch.Tensor | None  # [batch, segments, n_steps]: target after each step
+
+
 @dataclass(frozen=True)
 class VarBindTask:
     """Generator of variable-binding problems with a fixed number of statements.
@@ -207,6 +257,9 @@ class VarBindTask:
     max_chain: int = 8  # longest distractor chain
     test_fraction: float = 0.1
     variables: str = VARIABLES
+    #: "chars": one token per character (``k?`` asks, the answer slot is ``?``); "statements": one
+    #: token per statement ``x=y;`` (``?k`` asks, the answer slot is ``k``): a hop is one lookup
+    encoding: str = "chars"
     tokenizer: CharTokenizer = field(default_factory=make_tokenizer, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -214,6 +267,15 @@ class VarBindTask:
             raise ValueError(f"n_statements must lie in [2, {len(self.variables)}]")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError("test_fraction must lie in (0, 1)")
+        if self.encoding not in ("chars", "statements"):
+            raise ValueError(f"unknown encoding {self.encoding!r}: 'chars' or 'statements'")
+        if self.encoding == "statements" and not self.tokenizer.words:
+            object.__setattr__(self, "tokenizer", make_tokenizer("statements", self.variables))
+
+    @property
+    def segment_length(self) -> int:
+        """Tokens per extra question of a training sequence (``;v?`` + answer, or ``?v``)."""
+        return 2 if self.encoding == "statements" else 4
 
     @property
     def max_hops(self) -> int:
@@ -222,7 +284,7 @@ class VarBindTask:
     @property
     def n_positions(self) -> int:
         """Prompt length in tokens, ``<bos>`` included."""
-        return 3 + 4 * self.n_statements
+        return 3 + (1 if self.encoding == "statements" else 4) * self.n_statements
 
     def split_of(self, problem: Problem) -> Split:
         digest = hashlib.blake2b(problem.prompt.encode(), digest_size=8).digest()
@@ -259,7 +321,7 @@ class VarBindTask:
                 if c == 0 and depth == hops:
                     query = var
         rng.shuffle(statements)
-        return Problem(statements=tuple(statements), query=query, hops=hops)
+        return Problem(statements=tuple(statements), query=query, hops=hops, encoding=self.encoding)
 
     def sample(self, rng: random.Random, hops: int, split: Split = "train") -> Problem:
         """One problem with ``hops`` hops from ``split`` (rejection on the split hash)."""
@@ -308,34 +370,66 @@ class VarBindTask:
         """Training sequences that ask ``n_queries`` questions about the same statements::
 
             <bos>q=4;k=q;c=1;k?4;c=1;k=q;c?1;q?4        (n_queries=3, n_recalls=2)
+            <bos>[q=4;][k=q;][c=1;]?k?c?q               (encoding "statements", n_queries=3)
 
         The first question is the problem itself (its prompt is a prefix, so the answer slot of
         the first question sees exactly the single-query prompt); then come ``n_recalls``
-        *recalls*, statements of the prompt repeated (``v=`` is supervised to predict the same
-        right-hand side: one link followed, a variable or a digit), then the other questions, about
-        variables at a hop count in ``hops``. Recalls train the lookup every hop repeats (find the
-        statement of a variable, read its right-hand side) with a direct signal, which shortens the
-        plateau before it is found. Every segment is 4 tokens and is supervised at its third.
+        *recalls* (``"chars"`` only), statements of the prompt repeated (``v=`` is supervised to
+        predict the same right-hand side: one link followed), then the other questions, about
+        variables at a hop count in ``hops``. Every segment is :attr:`segment_length` tokens.
         Returns ``(tokens [batch, pos], answer_pos [segments], answers [batch, segments])``;
-        ``tokens`` stop before the last answer.
+        ``tokens`` stop before the last answer. :meth:`encode_training` also gives per-step
+        targets.
         """
+        batch = self.encode_training(problems, rng, n_queries, hops, n_recalls)
+        return batch.tokens, batch.positions, batch.answers
+
+    def encode_training(
+        self,
+        problems: list[Problem],
+        rng: random.Random,
+        n_queries: int,
+        hops: list[int] | tuple[int, ...],
+        n_recalls: int = 0,
+        n_steps: int = 0,
+    ) -> "TrainingBatch":
+        """:meth:`encode_with_queries`, plus (``n_steps > 0``) the target of every question after
+        each recurrent step: the right side reached after ``r`` links (the digit once the chain
+        has ended), ``step_answers [batch, segments, n_steps]`` -- one hop per step."""
+        if n_recalls and self.encoding == "statements":
+            raise ValueError("recalls need the 'chars' encoding")
+        if n_recalls and n_steps:
+            raise ValueError("per-step targets are defined for questions, not recalls")
         tok = self.tokenizer
-        rows, answers = [], []
+        rows, answers, per_step = [], [], []
         for p in problems:
-            text, ans = p.text, [p.answer]
+            text, ans, asked = p.text, [p.answer], [p.query]
+            if self.encoding == "statements":
+                text = p.prompt
             for i in (rng.choices(range(len(p.statements)), k=n_recalls) if n_recalls else []):
                 lhs, rhs = p.statements[i]
                 text += f";{lhs}={rhs}"
                 ans.append(rhs)
             for var, value in self._extra_queries(p, rng, n_queries - 1, hops):
-                text += f";{var}?{value}"
+                text += f"?{var}" if self.encoding == "statements" else f";{var}?{value}"
                 ans.append(value)
-            rows.append([tok.bos_token_id, *tok.encode(text)][:-1])
+                asked.append(var)
+            ids = [tok.bos_token_id, *tok.encode(text)]
+            rows.append(ids if self.encoding == "statements" else ids[:-1])
             answers.append(tok.encode("".join(ans)))
+            if n_steps:
+                chains = [p.links(v) for v in asked]
+                per_step.append([tok.encode("".join(c[min(r, len(c)) - 1] for r in range(1, n_steps + 1)))
+                                 for c in chains])
         first = self.n_positions - 1
         n_segments = n_queries + n_recalls
-        answer_pos = torch.tensor([first + 4 * q for q in range(n_segments)], dtype=torch.long)
-        return torch.tensor(rows, dtype=torch.long), answer_pos, torch.tensor(answers, dtype=torch.long)
+        positions = torch.tensor([first + self.segment_length * q for q in range(n_segments)], dtype=torch.long)
+        return TrainingBatch(
+            tokens=torch.tensor(rows, dtype=torch.long),
+            positions=positions,
+            answers=torch.tensor(answers, dtype=torch.long),
+            step_answers=torch.tensor(per_step, dtype=torch.long) if n_steps else None,
+        )
 
     @staticmethod
     def _extra_queries(problem: Problem, rng: random.Random, n: int, hops: list[int] | tuple[int, ...]
