@@ -453,8 +453,10 @@ def finish(result: TrainResult, cfg: TrainConfig, export_to: Path | None = None)
         f"initial state `{mcfg.state_init}`, norm between steps: {mcfg.norm_between_steps}",
         f"- parameters: {n_params:,}; default n_steps {mcfg.n_steps}",
         f"- trained on hops {list(cfg.train_hops)} for {cfg.iterations} iterations of {cfg.batch_size} problems; "
-        f"recurrent steps per batch: {cfg.step_distribution} (mean {cfg.mean_steps}, sigma {cfg.steps_sigma}) "
-        f"in [{cfg.min_steps}, {cfg.max_train_steps}]; backprop through "
+        f"recurrent steps per batch: {_steps_text(cfg)}; "
+        f"{cfg.queries} question(s) and {cfg.recalls} recall(s) per sequence; "
+        f"{'every step supervised on the link it reaches' if cfg.step_supervision else 'the answer supervised'}; "
+        f"task encoding `{task.encoding}`; backprop through "
         f"{'all steps' if cfg.backprop_steps is None else f'the last {cfg.backprop_steps} steps'}",
         f"- training time: {result.elapsed_s / 60:.1f} min on {cfg.threads} CPU thread(s) "
         f"(evaluation {eval_s / 60:.1f} min); final training loss {result.final_loss:.4f}",
@@ -471,12 +473,21 @@ def finish(result: TrainResult, cfg: TrainConfig, export_to: Path | None = None)
         "",
         "![loss curve](loss_curve.svg)",
         "",
-        "`loss_curve.csv`: iteration, loss (answer token cross-entropy), recurrent steps of that batch, "
+        f"`loss_curve.csv`: iteration, loss ({'cross-entropy of the link reached after each step, mean over steps' if cfg.step_supervision else 'answer token cross-entropy'}), recurrent steps of that batch, "
         "smoothed loss. `accuracy.csv`: the table above.",
         "",
     ]
     (folder / "REPORT.md").write_text("\n".join(lines))
     return folder
+
+
+def _steps_text(cfg: TrainConfig) -> str:
+    if cfg.step_distribution == "fixed":
+        return f"always {cfg.max_train_steps}"
+    if cfg.step_distribution == "uniform":
+        return f"uniform in [{cfg.min_steps}, {cfg.max_train_steps}]"
+    return (f"log-normal Poisson (mean {cfg.mean_steps}, sigma {cfg.steps_sigma}) "
+            f"in [{cfg.min_steps}, {cfg.max_train_steps}]")
 
 
 def _cli_overrides(cfg: TrainConfig) -> str:
