@@ -501,11 +501,7 @@ def _cli_overrides(cfg: TrainConfig) -> str:
 def _guessing_text(task: VarBindTask, cfg: TrainConfig) -> str:
     """Accuracy of a uniform guess among the prompt's chain digits, by hops (the level a model
     reaches without following any link)."""
-    parts = []
-    for h in cfg.eval_hops:
-        problems = task.dataset(h, cfg.eval_n, split="test", seed=0)
-        parts.append(f"{100 * sum(1 / len(p.chains()) for p in problems) / len(problems):.0f}% ({h} hops)")
-    return ", ".join(parts)
+    return ", ".join(f"{100 * task.guessing_accuracy(h, cfg.eval_n):.0f}% ({h} hops)" for h in cfg.eval_hops)
 
 
 def _write_loss_files(log_path: Path, folder: Path) -> None:

@@ -541,10 +541,7 @@ def context_chance(sweep: Sweep) -> dict[int, float]:
     from tl_loop.tasks.varbind import VarBindTask
 
     task = VarBindTask(**sweep.task_dict())
-    return {
-        h: statistics.fmean(1 / len(p.chains()) for p in task.dataset(h, sweep.eval_n, split="test", seed=0))
-        for h in sweep.eval_hops
-    }
+    return {h: task.guessing_accuracy(h, sweep.eval_n) for h in sweep.eval_hops}
 
 
 # --------------------------------------------------------------------------- groups and claims

@@ -350,6 +350,13 @@ class VarBindTask:
                 out.append(p)
         return out
 
+    def guessing_accuracy(self, hops: int, n: int, split: Split = "test", seed: int = 0) -> float:
+        """Expected accuracy of a uniform guess among the digits that end a chain in the prompt,
+        on :meth:`dataset` ``(hops, n, split, seed)``: the level a model reaches without
+        following any link."""
+        problems = self.dataset(hops, n, split=split, seed=seed)
+        return sum(1 / len(p.chains()) for p in problems) / len(problems)
+
     # ---- tensors ----
     def encode(self, problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tokens [batch, n_positions], answers [batch])``: prompts with ``<bos>``, answer ids."""
