@@ -47,7 +47,9 @@ def read_out(model: Any, states: Float[torch.Tensor, "... pos d_model"]) -> Floa
     return model.unembed_residual(views.ln_final(x)).reshape(*lead, *x.shape[1:-1], -1)
 
 
-def _step_end_hooks(model: Any) -> list[str]:
+def step_end_hook_names(model: Any) -> list[str]:
+    """The hook of the state at the end of every step (the last layer of the cycle's
+    ``hook_resid_post``), at the model's current number of steps."""
     sched = model.schedule
     last = sched.layers_per_step - 1
     return [f"blocks.{sched.index(r, last)}.hook_resid_post" for r in range(sched.n_steps)]
@@ -58,7 +60,7 @@ def step_states(model: Any, tokens: Any, **forward_kwargs: Any) -> Float[torch.T
     n_steps = forward_kwargs.pop("n_steps", None)
     ctx = model.steps(n_steps, forward_kwargs.pop("force", False)) if n_steps is not None else _null()
     with ctx:
-        names = _step_end_hooks(model)
+        names = step_end_hook_names(model)
         _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None, return_cache_object=False, **forward_kwargs)
         if not names:
             tokens_t = model._validate_tokens(tokens)

@@ -216,14 +216,11 @@ def step_logits_train(model: HookedLoopedTransformer, tokens: torch.Tensor, n_st
     """Logits at ``positions`` read out after every one of ``n_steps`` steps, with gradients:
     ``[n_steps, batch, len(positions), d_vocab]`` (the state each step hands on, through the coda
     and the head, as ``model.step_logits``)."""
-    from tl_loop.readout import read_out
+    from tl_loop.readout import read_out, step_end_hook_names
 
     states: list[torch.Tensor] = []
     with model.steps(n_steps):
-        sched = model.schedule
-        last = sched.layers_per_step - 1
-        hooks = [(f"blocks.{sched.index(r, last)}.hook_resid_post", lambda x, hook: states.append(x))
-                 for r in range(n_steps)]
+        hooks = [(name, lambda x, hook: states.append(x)) for name in step_end_hook_names(model)]
         model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
     return read_out(model, torch.stack(states)[:, :, : int(max(positions)) + 1])[:, :, positions]
 

@@ -152,8 +152,12 @@ class Problem:
     @property
     def path(self) -> tuple[int, ...]:
         """Statement indices followed from the query to its digit."""
+        return self.path_from(self.query)
+
+    def path_from(self, var: str) -> tuple[int, ...]:
+        """Statement indices followed from ``var`` to its digit."""
         where = self._definitions()
-        out = [where[self.query]]
+        out = [where[var]]
         while self.statements[out[-1]][1] not in DIGITS:
             out.append(where[self.statements[out[-1]][1]])
             if len(out) > len(self.statements):
@@ -167,11 +171,7 @@ class Problem:
     def links(self, var: str | None = None) -> tuple[str, ...]:
         """The chain followed from ``var`` (default: the query): the right side reached after
         1, 2, ... links, ending with the digit."""
-        rhs = dict(self.statements)
-        out = [rhs[self.query if var is None else var]]
-        while out[-1] not in DIGITS:
-            out.append(rhs[out[-1]])
-        return tuple(out)
+        return tuple(self.statements[i][1] for i in self.path_from(self.query if var is None else var))
 
     @property
     def mechanism(self) -> Mechanism:
