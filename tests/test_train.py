@@ -180,3 +180,24 @@ def test_step_supervision_reads_out_every_step_like_step_logits(tmp_path):
     assert math.isfinite(result.final_loss)
     with pytest.raises(ValueError, match="step_supervision"):
         tiny_config(step_supervision=True, backprop_steps=2)
+
+
+def test_target_loss_stops_early_and_a_resumed_run_stays_stopped(tmp_path):
+    # every loss is below 10, so the mean of the first 3 iterations reaches the target
+    cfg = tiny_config(iterations=20, target_loss=10.0, target_window=3)
+    result = train(cfg, tmp_path, progress=False)
+    assert (result.iteration, result.reached_target) == (3, True)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["iteration"] == 3
+    again = train(cfg, tmp_path, progress=False)  # resuming reads the window back from the log
+    assert (again.iteration, again.reached_target) == (3, True)
+    with open(tmp_path / "train_log.csv") as f:
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == [1, 2, 3]
+    assert math.isclose(again.final_loss, result.final_loss, rel_tol=1e-4)
+    # an unreachable target runs every iteration
+    full = train(replace(cfg, iterations=5, target_loss=1e-9), tmp_path / "full", progress=False)
+    assert (full.iteration, full.reached_target) == (5, False)
+    with pytest.raises(ValueError, match="target_loss"):
+        tiny_config(target_loss=0.0)
+    with pytest.raises(ValueError, match="log_every"):
+        tiny_config(target_loss=0.1, log_every=2)

@@ -20,7 +20,12 @@ def test_specs_design():
     names = [s.name for s in specs]
     assert len(names) == len(set(names))
     assert len([s for s in specs if s.seed == 0]) == 3 * 3 * 3 * 2  # the full grid
-    assert {s.seed for s in specs} == {0, 1}
+    seconds = [s for s in specs if s.seed == 1]
+    assert len(seconds) == 3 * 3 * 2 and {s.layers for s in seconds} == {1}  # every L = 1 configuration
+    assert len(ts.CHARS.specs()) == 60  # the first sweep: the grid and 6 second seeds at L = 2
+    learnable = full.train_config(specs[0])
+    assert (learnable.step_supervision, learnable.step_distribution, learnable.target_loss) == (True, "fixed", 0.03)
+    assert learnable.make_task().encoding == "statements" and ts.CHARS.train_config(specs[0]).make_task().encoding == "chars"
     assert [s.name for s in TOY.specs()] == ["L1-none-pre_norm-s0", "L1-add-pre_norm-s0"]
     cfg = full.train_config(ts.RunSpec(4, "linear", "ouro", True, 0)).make_model_config()
     assert (cfg.n_core_layers, cfg.injection, cfg.output_norm, cfg.norm_between_steps, cfg.resid_norm) == (
@@ -82,6 +87,10 @@ def test_shipped_table_matches_its_page():
     page = (docs / "design_study.md").read_text()
     assert ts.claims_matrix(ts.claims(rows)) in page
     assert ts._md(ts.group_rows(rows), ts.GROUP_COLUMNS) in page
+    assert all(r["acc_s2"] > 0.4 for r in rows)  # every shipped model answers at 2 steps ...
+    assert all(r["acc_s1"] <= 0.51 for r in rows)  # ... and only the 1-hop half at 1 step
+    first = ts.read_runs(docs / "design_study" / "chars" / "training_runs.csv")
+    assert len(first) == len(ts.CHARS.specs())
 
 
 def test_overrides_and_older_sweep_files(tmp_path):
@@ -97,5 +106,10 @@ def test_overrides_and_older_sweep_files(tmp_path):
     del data["train_extra"]
     (out / "sweep.json").write_text(json.dumps(data))
     ts._check_sweep_file(out, ts.SMOKE)  # same settings: accepted
+    # fields added with the learnable design are read as the first sweep ran them, not as today's defaults
+    first = ts.CHARS.to_dict()
+    for key in ts.BEFORE_FIELDS:
+        del first[key]
+    assert ts.Sweep.from_dict(first) == ts.CHARS
     with pytest.raises(ValueError, match="other settings"):
         ts._check_sweep_file(out, replace(ts.SMOKE, iterations=9))

@@ -29,6 +29,7 @@ depth changes every batch.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import json
 import math
@@ -70,6 +71,10 @@ class TrainConfig:
     queries: int = 1  # questions per training sequence (the first is the problem; see encode_with_queries)
     recalls: int = 0  # repeated statements per training sequence, supervised on their right-hand side
     iterations: int = 2000
+    #: stop early once the mean training loss over the last ``target_window`` iterations is at or
+    #: below this (``None``: always run ``iterations``)
+    target_loss: float | None = None
+    target_window: int = 50
     batch_size: int = 64
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
@@ -109,6 +114,10 @@ class TrainConfig:
             raise ValueError("need 1 <= min_steps <= max_train_steps")
         if self.backprop_steps is not None and self.backprop_steps < 1:
             raise ValueError("backprop_steps must be >= 1 (or None for full backpropagation)")
+        if self.target_loss is not None and (self.target_loss <= 0 or self.target_window < 1):
+            raise ValueError("target_loss must be > 0 and target_window >= 1")
+        if self.target_loss is not None and self.log_every != 1:
+            raise ValueError("target_loss needs log_every=1 (a resumed run reads its recent losses from the log)")
         if self.step_supervision and (self.backprop_steps is not None or self.recalls):
             raise ValueError("step_supervision works with full backpropagation and without recalls")
 
@@ -294,14 +303,30 @@ def _truncate_csv(path: Path, iteration: int) -> None:
         w.writerows(keep)
 
 
+def _logged_losses(path: Path) -> list[float]:
+    """Training losses in the log, in order (empty without a log)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def _reached_target(cfg: TrainConfig, recent: collections.deque[float]) -> bool:
+    """Whether the mean loss of the last ``cfg.target_window`` iterations is at or below
+    ``cfg.target_loss``."""
+    return (cfg.target_loss is not None and len(recent) >= cfg.target_window
+            and sum(recent) / len(recent) <= cfg.target_loss)
+
+
 # ---------------------------------------------------------------------------------- training
 @dataclass
 class TrainResult:
     model: HookedLoopedTransformer
     out: Path
-    iteration: int
+    iteration: int  # iterations done (fewer than ``cfg.iterations`` when the target loss was reached)
     elapsed_s: float
     final_loss: float
+    reached_target: bool = False
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool = True,
@@ -339,8 +364,12 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool
         bar = tqdm(total=cfg.iterations, initial=start, desc=cfg.name, disable=not progress, dynamic_ncols=True)
         t0 = time.perf_counter() - elapsed
         smooth, loss_value = None, float("nan")
+        recent = collections.deque(_logged_losses(log_path), maxlen=cfg.target_window)
+        done = start
         model.train()
         for iteration in range(start, end):
+            if _reached_target(cfg, recent):
+                break
             rng = batch_rng(cfg, iteration)
             n_steps = sample_n_steps(rng, cfg)
             problems = task.batch(rng, cfg.batch_size, cfg.train_hops, "train")
@@ -362,6 +391,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             optimizer.step()
             loss_value = float(loss.detach())
+            recent.append(loss_value)
             smooth = loss_value if smooth is None else 0.95 * smooth + 0.05 * loss_value
             done = iteration + 1
             if done % cfg.log_every == 0:
@@ -372,18 +402,18 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool
             if cfg.eval_every and done % cfg.eval_every == 0:
                 _quick_eval(model, task, cfg, done, eval_path)
                 model.train()
-            if done % cfg.checkpoint_every == 0 or done == end:
+            if done % cfg.checkpoint_every == 0 or done == end or _reached_target(cfg, recent):
                 log_file.flush()
                 save_checkpoint(out, model, optimizer, cfg, done, time.perf_counter() - t0)
         bar.close()
         log_file.close()
         if math.isnan(loss_value) and start > 0:  # resumed a finished run: its last logged loss
-            with open(log_path, newline="") as f:
-                rows = list(csv.DictReader(f))
-            loss_value = float(rows[-1]["loss"]) if rows else loss_value
+            logged = _logged_losses(log_path)
+            loss_value = logged[-1] if logged else loss_value
         model.eval()
         elapsed = time.perf_counter() - t0
-        return TrainResult(model=model, out=out, iteration=max(end, start), elapsed_s=elapsed, final_loss=loss_value)
+        return TrainResult(model=model, out=out, iteration=done, elapsed_s=elapsed,
+                           final_loss=loss_value, reached_target=_reached_target(cfg, recent))
     finally:
         torch.set_num_threads(previous_threads)
 

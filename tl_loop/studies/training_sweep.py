@@ -11,15 +11,17 @@ checkpoint; ``all`` is ``run`` then ``report``)::
 
     python -m tl_loop.studies.training_sweep all --out tl-loop-runs/sweep --docs docs/design_study/ --jobs 2
 
-Variants go to another ``--out``: ``--set FIELD=JSON`` overrides a :class:`Sweep` field, e.g.
+Variants go to another ``--out``: ``--preset chars`` is the first sweep (character encoding,
+whose models learned no links); ``--set FIELD=JSON`` overrides a :class:`Sweep` field, e.g.
 ``--set iterations=900`` or ``--set 'train_extra=[["queries", 4]]'`` (any ``TrainConfig`` field).
 
-Setup (defaults of :class:`Sweep`):
+Setup (defaults of :class:`Sweep`, sized so that the 72 runs take under an hour on 2 cores):
 
 * task: multi-hop variable binding (:mod:`tl_loop.tasks.varbind`), small (``n_statements`` 4,
-  10 variable names), trained on 1 and 2 hops; 3 questions per training sequence;
+  10 variable names), one token per statement (``encoding="statements"``), trained on 1 and 2
+  hops; 3 questions per training sequence;
 * model: ``embed -> 1-layer prelude -> n_steps x (inject -> recurrent block of L layers) ->
-  1-layer coda -> unembed``, d_model 64, 4 heads of 16, gated SiLU MLP of 128, RMSNorm, RoPE; the
+  1-layer coda -> unembed``, d_model 32, 2 heads of 16, gated SiLU MLP of 64, RMSNorm, RoPE; the
   state entering step 0 is the prelude output (as in part 1, and necessarily so without
   injection);
 * grid axes: block size ``L`` (``layers``), injection (``none`` / ``add`` / ``linear``: adapter on
@@ -27,16 +29,18 @@ Setup (defaults of :class:`Sweep`):
   ``huginn`` = pre-norm plus a norm on the residual stream after each add, ``ouro`` = pre-norm plus
   a norm on each sublayer's output before the add) and a norm on the state between steps
   (``state_norm``, its own weights). Part 1's "Ouro-style" is ``ouro`` with ``state_norm``;
-* training: :func:`tl_loop.train.train` with a random number of recurrent steps per batch
-  (Huginn's log-normal Poisson, mean 3, clipped to [1, 8]), AdamW, cosine schedule;
-* design (:meth:`Sweep.specs`): the full grid with seed 0, plus seed 1 for the configurations
-  listed in ``second_seed`` (see ``docs/design_study.md``).
+* training: :func:`tl_loop.train.train`, 4 recurrent steps per batch, the logits read out after
+  every step supervised on the link that step reaches (one hop per step), AdamW at a constant
+  learning rate, until the mean loss of the last 50 iterations is at most ``target_loss`` (0.03)
+  or for ``iterations`` (2000) at most, so that every model is trained to the same loss;
+* design (:meth:`Sweep.specs`): the full grid with seed 0, plus seed 1 for every configuration
+  whose block size is in ``second_seed_layers`` (L = 1) and for those listed in ``second_seed``.
 
 Measured on every trained model (:func:`evaluate_run`), with the library's functions:
 
 * accuracy on held-out problems by number of hops and inference steps
-  (:func:`tl_loop.tasks.report.accuracy_table`), steps 1..``max(eval_steps)`` -- beyond the 8
-  steps seen in training -- and on longer chains than trained (``eval_hops``);
+  (:func:`tl_loop.tasks.report.accuracy_table`), steps 1..``max(eval_steps)`` -- beyond the
+  ``max_train_steps`` seen in training -- and on longer chains than trained (``eval_hops``);
 * fixed points of the cycle over ``measure_steps`` (128) steps on held-out prompts: the
   :class:`~tl_loop.studies.random_init.RunMeasurement` of part 1 (per-layer relative and direction
   step distances from :func:`~tl_loop.analysis.step_distances`, convergence step, decay exponent,
@@ -48,9 +52,11 @@ Measured on every trained model (:func:`evaluate_run`), with the library's funct
   every head's pattern between consecutive steps, the step each head stabilises
   (``stable_step(attn_tol)``), sink rate, mixing score (entropy), ColSum concentration.
 
->>> sweep = Sweep(layers=(1, 2), injections=("add",), norms=("pre_norm",), state_norms=(False,),
-...               second_seed=(("L2", "add", "pre_norm", False),))
->>> [s.name for s in sweep.specs()]
+>>> sweep = Sweep(layers=(1, 2), injections=("add",), norms=("pre_norm",), state_norms=(False,))
+>>> [s.name for s in sweep.specs()]  # a second seed for every configuration at L = 1
+['L1-add-pre_norm-s0', 'L2-add-pre_norm-s0', 'L1-add-pre_norm-s1']
+>>> from dataclasses import replace
+>>> [s.name for s in replace(sweep, second_seed_layers=(), second_seed=(("L2", "add", "pre_norm", False),)).specs()]
 ['L1-add-pre_norm-s0', 'L2-add-pre_norm-s0', 'L2-add-pre_norm-s1']
 """
 
@@ -111,38 +117,44 @@ class RunSpec:
 @dataclass(frozen=True)
 class Sweep:
     """The runs of the sweep and everything they share (saved as ``sweep.json`` in the output
-    folder; a resumed sweep must have the same settings)."""
+    folder; a resumed sweep must have the same settings). The defaults are the design of
+    ``docs/design_study.md``: models that learn the task, sized to fit one hour on 2 cores."""
 
     layers: tuple[int, ...] = (1, 2, 4)
     injections: tuple[str, ...] = INJECTIONS
     norms: tuple[str, ...] = ("pre_norm", "huginn", "ouro")
     state_norms: tuple[bool, ...] = (False, True)
     seeds: tuple[int, ...] = (0,)
-    #: configurations (``"L<layers>"``, injection, norm, state_norm) also trained with
+    #: every configuration with one of these block sizes is also trained with ``extra_seed``
+    second_seed_layers: tuple[int, ...] = (1,)
+    #: single configurations (``"L<layers>"``, injection, norm, state_norm) also trained with
     #: ``extra_seed``; ``"L*"`` matches every block size
-    second_seed: tuple[tuple[str, str, str, bool], ...] = (
-        ("L2", "none", "pre_norm", False), ("L2", "add", "pre_norm", False), ("L2", "add", "huginn", False),
-        ("L2", "add", "ouro", True), ("L2", "linear", "huginn", False), ("L2", "none", "ouro", True),
-    )
+    second_seed: tuple[tuple[str, str, str, bool], ...] = ()
     extra_seed: int = 1
     # model
-    d_model: int = 64
-    n_heads: int = 4
-    d_mlp: int = 128
+    d_model: int = 32
+    n_heads: int = 2
+    d_mlp: int = 64
     n_prelude_layers: int = 1
     n_coda_layers: int = 1
     state_init: str = "prelude"
     # task and training
     task: tuple[tuple[str, Any], ...] = (("n_statements", 4), ("max_extra", 1), ("max_chain", 3),
-                                         ("variables", "abcdefghij"), ("test_fraction", 0.1))
+                                         ("variables", "abcdefghij"), ("test_fraction", 0.1),
+                                         ("encoding", "statements"))
     train_hops: tuple[int, ...] = (1, 2)
     queries: int = 3
-    iterations: int = 450
-    batch_size: int = 32
+    iterations: int = 2000  # the cap; a run stops earlier once it reaches ``target_loss``
+    target_loss: float | None = 0.03
+    batch_size: int = 64
     lr: float = 3e-3
-    warmup: int = 50
+    min_lr_ratio: float = 1.0  # 1: constant learning rate
+    warmup: int = 0
+    #: supervise every step on the link it reaches (one hop per step)
+    step_supervision: bool = True
+    step_distribution: str = "fixed"  # recurrent steps per batch (``TrainConfig.step_distribution``)
     mean_steps: float = 3.0
-    max_train_steps: int = 8
+    max_train_steps: int = 4
     #: further ``TrainConfig`` fields, as ``((name, value), ...)``
     train_extra: tuple[tuple[str, Any], ...] = ()
     # evaluation
@@ -177,7 +189,9 @@ class Sweep:
             for sn in self.state_norms
         ]
         names = {s.name for s in out}
-        for lay, inj, norm, sn in self.second_seed:
+        wanted_seconds = [(f"L{L}", inj, norm, sn) for L in self.second_seed_layers for inj in self.injections
+                          for norm in self.norms for sn in self.state_norms]
+        for lay, inj, norm, sn in wanted_seconds + list(self.second_seed):
             for L in self.layers:
                 wanted = lay in ("L*", f"L{L}") and inj in self.injections and norm in self.norms
                 if wanted and sn in self.state_norms:
@@ -202,8 +216,10 @@ class Sweep:
         )
         cfg = TrainConfig(
             name=f"sweep-{spec.name}", model=model, task=self.task_dict(), train_hops=self.train_hops,
-            queries=self.queries, iterations=self.iterations, batch_size=self.batch_size, lr=self.lr,
-            warmup=self.warmup, step_distribution="lognormal_poisson", mean_steps=self.mean_steps,
+            queries=self.queries, iterations=self.iterations, target_loss=self.target_loss,
+            batch_size=self.batch_size, lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup=self.warmup,
+            step_supervision=self.step_supervision, step_distribution=self.step_distribution,  # type: ignore[arg-type]
+            mean_steps=self.mean_steps,
             min_steps=1, max_train_steps=self.max_train_steps, seed=spec.seed, threads=1,
             checkpoint_every=max(1, min(100, self.iterations)), eval_every=0, eval_hops=self.eval_hops,
             eval_steps=self.eval_steps, eval_n=self.eval_n,
@@ -221,21 +237,44 @@ class Sweep:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Sweep":
+        """Read a saved sweep; a field missing from an older file takes the value that sweep ran
+        with (:data:`BEFORE_FIELDS`), not today's default."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        for key, old in BEFORE_FIELDS.items():
+            values.setdefault(key, old)
         for k, v in list(values.items()):
             if isinstance(v, list):
                 values[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
         return cls(**values)
 
 
+#: Values of fields added to :class:`Sweep` after its first sweeps ran, as those sweeps had them
+#: (a ``sweep.json`` without the field is read with these).
+BEFORE_FIELDS: dict[str, Any] = {
+    "second_seed_layers": (), "target_loss": None, "min_lr_ratio": 0.1, "step_supervision": False,
+    "step_distribution": "lognormal_poisson",
+}
+
+#: The first sweep (``--preset chars``): one character per token, answer-only supervision, a
+#: random number of steps per batch. Its models learned no links (``docs/design_study.md``).
+CHARS = Sweep(
+    second_seed_layers=(), second_seed=(
+        ("L2", "none", "pre_norm", False), ("L2", "add", "pre_norm", False), ("L2", "add", "huginn", False),
+        ("L2", "add", "ouro", True), ("L2", "linear", "huginn", False), ("L2", "none", "ouro", True)),
+    d_model=64, n_heads=4, d_mlp=128, task=(("n_statements", 4), ("max_extra", 1), ("max_chain", 3),
+                                            ("variables", "abcdefghij"), ("test_fraction", 0.1)),
+    iterations=450, target_loss=None, batch_size=32, min_lr_ratio=0.1, warmup=50, step_supervision=False,
+    step_distribution="lognormal_poisson", max_train_steps=8,
+)
+
 #: A 2-configuration, few-iteration sweep (the test, and ``--preset smoke``).
 SMOKE = Sweep(
-    layers=(1,), injections=("none", "add"), norms=("pre_norm",), state_norms=(False,), second_seed=(),
+    layers=(1,), injections=("none", "add"), norms=("pre_norm",), state_norms=(False,), second_seed_layers=(),
     d_model=16, n_heads=2, d_mlp=32, iterations=4, batch_size=8, warmup=1, eval_hops=(1, 2),
     eval_steps=(1, 2, 4, 12), eval_n=8, measure_steps=12, measure_n=4, hold=4,
 )
-PRESETS: dict[str, Sweep] = {"full": Sweep(), "smoke": SMOKE}
+PRESETS: dict[str, Sweep] = {"full": Sweep(), "chars": CHARS, "smoke": SMOKE}
 
 
 # --------------------------------------------------------------------------- one run
@@ -347,11 +386,11 @@ def run_one(out: str | Path, sweep: Sweep, spec: RunSpec,
     cfg = sweep.train_config(spec)
     t0 = time.perf_counter()
     result = train(cfg, folder / "train", resume=True, progress=False, stop_at=stop_at)
-    if result.iteration < cfg.iterations:
+    if result.iteration < cfg.iterations and not result.reached_target:
         return None
     train_s = result.elapsed_s  # training time over every session (from the checkpoint)
     metrics = evaluate_run(result.model, sweep, spec)
-    row = {**spec.key(), "iterations": cfg.iterations,
+    row = {**spec.key(), "iterations": result.iteration, "reached_target_loss": result.reached_target,
            "params": sum(p.numel() for p in result.model.parameters()),
            "final_loss": _final_loss(folder / "train" / "train_log.csv"), "train_s": round(train_s, 2),
            **metrics["row"]}
@@ -488,6 +527,8 @@ def _fmt(v: Any) -> str:
             return "–"
         if v == 0:
             return "0"
+        if 100 <= abs(v) < 1e5:
+            return f"{v:.0f}"
         return f"{v:.2f}" if 0.01 <= abs(v) < 100 else f"{v:.1e}"
     return str(v)
 
@@ -547,11 +588,12 @@ def context_chance(sweep: Sweep) -> dict[int, float]:
 # --------------------------------------------------------------------------- groups and claims
 GROUP_COLUMNS: tuple[tuple[str, str], ...] = (
     ("norm", "norm"), ("state_norm", "state norm"), ("injection", "injection"), ("runs", "runs"),
-    ("final_loss", "final loss"), ("acc_s1", "acc @1"), ("acc_trained_depth", "acc @8 (trained max)"),
-    ("acc_max_steps", "acc @max steps"), ("acc_long_trained_depth", "acc longer chains @8"),
+    ("iterations", "iterations"), ("reached_target_loss", "reached target loss"),
+    ("final_loss", "final loss"), ("acc_s1", "acc @1"), ("acc_trained_depth", "acc @trained depth"),
+    ("acc_max_steps", "acc @max steps"), ("acc_long_trained_depth", "acc longer chains @trained depth"),
     ("converged_state", "fixed pt (state)"), ("converged_direction", "fixed pt (direction)"),
     ("converged_trend", "converging (trend)"), ("tail_relative", "max step dist, last 16"),
-    ("step_dist_at_train_depth", "step dist at step 8"), ("norm_ratio", "norm last / middle"),
+    ("step_dist_at_train_depth", "step dist at trained depth"), ("norm_ratio", "norm last / middle"),
     ("share_fixed_point", "tokens fixed pt"), ("degeneracy_relative", "layers' spread"),
     ("attn_js_last", "attn JS last step"), ("attn_stable_share", "heads stable"),
     ("attn_stable_step_median", "median stable step"), ("sink_rate_last", "sink rate"),
@@ -728,8 +770,23 @@ def figures(results: Sequence[dict[str, Any]], sweep: Sweep) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- report
+def training_text(sweep: Sweep) -> str:
+    """How every run of ``sweep`` is trained, in words (for the report's header)."""
+    from tl_loop.train import _steps_text
+
+    cfg = sweep.train_config(sweep.specs()[0])
+    stop = (f"until the mean loss of the last {cfg.target_window} iterations is <= {cfg.target_loss:g}, "
+            f"at most {cfg.iterations} iterations" if cfg.target_loss is not None else f"{cfg.iterations} iterations")
+    lr = f"lr {cfg.lr:g}" + (" constant" if cfg.min_lr_ratio == 1 else f" (cosine to {cfg.min_lr_ratio:g}x)")
+    supervision = ("every step supervised on the link it reaches" if cfg.step_supervision
+                   else "the answer supervised after the last step")
+    return (f"{stop} of {cfg.batch_size} sequences, {lr}, warm-up {cfg.warmup}; recurrent steps per batch: "
+            f"{_steps_text(cfg)}; {supervision}")
+
+
 RUN_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("name", "run"), ("final_loss", "loss"), ("acc_s1", "acc @1"), ("acc_trained_depth", "acc @8"),
+    ("name", "run"), ("iterations", "iterations"), ("final_loss", "loss"), ("acc_s1", "acc @1"),
+    ("acc_trained_depth", "acc @trained depth"),
     ("acc_max_steps", "acc @max"), ("best_steps", "best steps"), ("tail_relative", "step dist, last 16"),
     ("tail_direction", "direction step dist"), ("norm_ratio", "norm last/mid"),
     ("share_fixed_point", "tokens fixed pt"), ("degeneracy_relative", "layers' spread"),
@@ -740,7 +797,7 @@ RUN_COLUMNS: tuple[tuple[str, str], ...] = (
 
 def write_report(out: str | Path, docs: str | Path, figures_html: bool = True) -> dict[str, Path]:
     """Write ``training_sweep.md``, ``training_runs.csv``, ``training_accuracy.csv``,
-    ``training_curves.json`` and ``training_figures.html`` into ``docs`` from the finished runs
+    ``training_study.json`` and ``training_figures.html`` into ``docs`` from the finished runs
     under ``out``."""
     out, docs = Path(out), Path(docs)
     sweep = Sweep.from_dict(json.loads((out / "sweep.json").read_text()))
@@ -780,10 +837,7 @@ def write_report(out: str | Path, docs: str | Path, figures_html: bool = True) -
         f"- model: d_model {sweep.d_model}, {sweep.n_heads} heads, d_mlp {sweep.d_mlp}, "
         f"{sweep.n_prelude_layers} prelude + L recurrent + {sweep.n_coda_layers} coda layers, "
         f"state init `{sweep.state_init}`; task {sweep.task_dict()}, trained on hops "
-        f"{list(sweep.train_hops)} ({sweep.queries} questions per sequence), {sweep.iterations} "
-        f"iterations of {sweep.batch_size}, lr {sweep.lr}, steps per batch log-normal Poisson "
-        f"(mean {sweep.mean_steps}) "
-        f"in [1, {sweep.max_train_steps}]",
+        f"{list(sweep.train_hops)} ({sweep.queries} questions per sequence), " + training_text(sweep),
         f"- accuracy: {sweep.eval_n} held-out problems per hop count, hops {list(sweep.eval_hops)} "
         f"(trained: {list(sweep.train_hops)}), steps {list(sweep.eval_steps)}; `acc` columns average "
         "the trained hop counts",
