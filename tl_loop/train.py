@@ -303,7 +303,7 @@ def _truncate_csv(path: Path, iteration: int) -> None:
         w.writerows(keep)
 
 
-def _logged_losses(path: Path) -> list[float]:
+def logged_losses(path: Path) -> list[float]:
     """Training losses in the log, in order (empty without a log)."""
     if not path.exists():
         return []
@@ -364,7 +364,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool
         bar = tqdm(total=cfg.iterations, initial=start, desc=cfg.name, disable=not progress, dynamic_ncols=True)
         t0 = time.perf_counter() - elapsed
         smooth, loss_value = None, float("nan")
-        recent = collections.deque(_logged_losses(log_path), maxlen=cfg.target_window)
+        recent = collections.deque(logged_losses(log_path), maxlen=cfg.target_window)
         done = start
         model.train()
         for iteration in range(start, end):
@@ -408,7 +408,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool
         bar.close()
         log_file.close()
         if math.isnan(loss_value) and start > 0:  # resumed a finished run: its last logged loss
-            logged = _logged_losses(log_path)
+            logged = logged_losses(log_path)
             loss_value = logged[-1] if logged else loss_value
         model.eval()
         elapsed = time.perf_counter() - t0
@@ -480,7 +480,7 @@ def finish(result: TrainResult, cfg: TrainConfig, export_to: Path | None = None)
         f"initial state `{mcfg.state_init}`, norm between steps: {mcfg.norm_between_steps}",
         f"- parameters: {n_params:,}; default n_steps {mcfg.n_steps}",
         f"- trained on hops {list(cfg.train_hops)} for {cfg.iterations} iterations of {cfg.batch_size} problems; "
-        f"recurrent steps per batch: {_steps_text(cfg)}; "
+        f"recurrent steps per batch: {steps_text(cfg)}; "
         f"{cfg.queries} question(s) and {cfg.recalls} recall(s) per sequence; "
         f"{'every step supervised on the link it reaches' if cfg.step_supervision else 'the answer supervised'}; "
         f"task encoding `{task.encoding}`; backprop through "
@@ -508,7 +508,8 @@ def finish(result: TrainResult, cfg: TrainConfig, export_to: Path | None = None)
     return folder
 
 
-def _steps_text(cfg: TrainConfig) -> str:
+def steps_text(cfg: TrainConfig) -> str:
+    """The recurrent steps per batch of ``cfg``, in words."""
     if cfg.step_distribution == "fixed":
         return f"always {cfg.max_train_steps}"
     if cfg.step_distribution == "uniform":

@@ -281,8 +281,9 @@ PRESETS: dict[str, Sweep] = {"full": Sweep(), "chars": CHARS, "smoke": SMOKE}
 def _final_loss(log_path: Path, tail: float = 0.1) -> float:
     """Mean training loss over the last ``tail`` of the iterations (one batch is noisy: its
     number of steps is random)."""
-    with log_path.open(newline="") as f:
-        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    from tl_loop.train import logged_losses
+
+    losses = logged_losses(log_path)
     if not losses:
         return float("nan")
     k = max(1, int(len(losses) * tail))
@@ -772,7 +773,7 @@ def figures(results: Sequence[dict[str, Any]], sweep: Sweep) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 def training_text(sweep: Sweep) -> str:
     """How every run of ``sweep`` is trained, in words (for the report's header)."""
-    from tl_loop.train import _steps_text
+    from tl_loop.train import steps_text
 
     cfg = sweep.train_config(sweep.specs()[0])
     stop = (f"until the mean loss of the last {cfg.target_window} iterations is <= {cfg.target_loss:g}, "
@@ -781,7 +782,7 @@ def training_text(sweep: Sweep) -> str:
     supervision = ("every step supervised on the link it reaches" if cfg.step_supervision
                    else "the answer supervised after the last step")
     return (f"{stop} of {cfg.batch_size} sequences, {lr}, warm-up {cfg.warmup}; recurrent steps per batch: "
-            f"{_steps_text(cfg)}; {supervision}")
+            f"{steps_text(cfg)}; {supervision}")
 
 
 RUN_COLUMNS: tuple[tuple[str, str], ...] = (
