@@ -188,7 +188,9 @@ def test_training_sequences_with_questions_and_recalls():
     task = VarBindTask(n_statements=6, max_chain=3)
     rng = random.Random(0)
     problems = task.batch(rng, 16, [1, 2], "train")
-    tokens, positions, answers = task.encode_with_queries(problems, rng, 3, [1, 2], n_recalls=2)
+    batch = task.encode_training(problems, rng, 3, [1, 2], n_recalls=2)
+    tokens, positions, answers = batch.tokens, batch.positions, batch.answers
+    assert batch.step_answers is None  # no per-step targets without n_steps
     tok = task.tokenizer
     assert positions.tolist() == [task.n_positions - 1 + 4 * j for j in range(5)]
     assert tokens.shape == (16, task.n_positions + 4 * 4)

@@ -68,7 +68,7 @@ class TrainConfig:
     model: dict[str, Any]
     task: dict[str, Any] = field(default_factory=dict)
     train_hops: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
-    queries: int = 1  # questions per training sequence (the first is the problem; see encode_with_queries)
+    queries: int = 1  # questions per training sequence (the first is the problem; see VarBindTask.encode_training)
     recalls: int = 0  # repeated statements per training sequence, supervised on their right-hand side
     iterations: int = 2000
     #: stop early once the mean training loss over the last ``target_window`` iterations is at or

@@ -366,14 +366,15 @@ class VarBindTask:
         answers = torch.tensor([tok.encode(p.answer)[0] for p in problems], dtype=torch.long)
         return tokens, answers
 
-    def encode_with_queries(
+    def encode_training(
         self,
         problems: list[Problem],
         rng: random.Random,
         n_queries: int,
         hops: list[int] | tuple[int, ...],
         n_recalls: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n_steps: int = 0,
+    ) -> "TrainingBatch":
         """Training sequences that ask ``n_queries`` questions about the same statements::
 
             <bos>q=4;k=q;c=1;k?4;c=1;k=q;c?1;q?4        (n_queries=3, n_recalls=2)
@@ -384,25 +385,12 @@ class VarBindTask:
         *recalls* (``"chars"`` only), statements of the prompt repeated (``v=`` is supervised to
         predict the same right-hand side: one link followed), then the other questions, about
         variables at a hop count in ``hops``. Every segment is :attr:`segment_length` tokens.
-        Returns ``(tokens [batch, pos], answer_pos [segments], answers [batch, segments])``;
-        ``tokens`` stop before the last answer. :meth:`encode_training` also gives per-step
-        targets.
+        Returns a :class:`TrainingBatch`: ``tokens [batch, pos]`` (stopping before the last
+        answer), ``positions [segments]`` (the answer slots), ``answers [batch, segments]`` and,
+        with ``n_steps > 0``, the target of every question after each recurrent step: the right
+        side reached after ``r`` links (the digit once the chain has ended),
+        ``step_answers [batch, segments, n_steps]`` -- one hop per step.
         """
-        batch = self.encode_training(problems, rng, n_queries, hops, n_recalls)
-        return batch.tokens, batch.positions, batch.answers
-
-    def encode_training(
-        self,
-        problems: list[Problem],
-        rng: random.Random,
-        n_queries: int,
-        hops: list[int] | tuple[int, ...],
-        n_recalls: int = 0,
-        n_steps: int = 0,
-    ) -> "TrainingBatch":
-        """:meth:`encode_with_queries`, plus (``n_steps > 0``) the target of every question after
-        each recurrent step: the right side reached after ``r`` links (the digit once the chain
-        has ended), ``step_answers [batch, segments, n_steps]`` -- one hop per step."""
         if n_recalls and self.encoding == "statements":
             raise ValueError("recalls need the 'chars' encoding")
         if n_recalls and n_steps:
