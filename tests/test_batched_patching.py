@@ -9,7 +9,7 @@ from conftest import VARIANTS, make_model
 from transformer_lens import patching
 
 from tl_loop import InputError
-from tl_loop.model import RunFrame
+from tl_loop.program import RunFrame
 from tl_loop.patching import get_act_patch_resid_pre_batched
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -127,8 +127,16 @@ def test_refusals():
 # ---------------------------------------------------------------------------- resumed passes
 def record_frames(model, tokens: torch.Tensor) -> tuple[torch.Tensor, list[RunFrame]]:
     frames: list[RunFrame] = []
-    out = model._run(tokens, None, None, on_block=lambda f: frames.append(RunFrame(**vars(f))))
+    stop = model.program.position("final_norm")
+    out = model._execute(tokens, on_block=lambda f: frames.append(RunFrame(**vars(f))), stop=stop).x
     return out, frames
+
+
+def resume(model, tokens, frame):
+    """The stream entering ln_final, from ``frame`` on (the program interpreted from its block)."""
+    program = model.program
+    start = program.block_position(frame.index)
+    return model._execute(tokens, frame=RunFrame(**vars(frame)), start=start, stop=program.position("final_norm")).x
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -139,23 +147,23 @@ def test_resumed_pass_equals_the_full_pass(variant, tokens):
     model = make_model(variant)
     full, frames = record_frames(model, tokens)
     assert [f.index for f in frames] == list(range(model.cfg.n_layers))
-    assert torch.equal(full, model._run(tokens, None, None))
+    assert torch.equal(full, model(tokens, stop_at_layer=model.cfg.n_layers))
 
     for layer in range(model.cfg.n_layers):
         before = {k: getattr(frames[layer], k) for k in RunFrame.TENSORS}
-        assert torch.equal(model._run(tokens, None, None, resume=frames[layer]), full), f"{variant}: layer {layer}"
+        assert torch.equal(resume(model, tokens, frames[layer]), full), f"{variant}: layer {layer}"
         assert all(getattr(frames[layer], k) is v for k, v in before.items())
 
     fired: list[str] = []
     with model.hooks(fwd_hooks=[(lambda name: True, lambda x, hook: fired.append(hook.name))]):
         # (a hook on the attention pattern switches to the materialised attention path)
-        full_hooked = model._run(tokens, None, None)
-        model._head(full_hooked)
+        full_hooked = model(tokens)
         full_order = list(fired)
         for layer in range(model.cfg.n_layers):
             fired.clear()
-            resumed = model._run(tokens, None, None, resume=frames[layer])
-            model._head(resumed)
+            f = frames[layer]
+            resumed = model(f.x, start_at_layer=layer, state=f.state, prelude_out=f.prelude_out,
+                            inner_state=f.inner_state)
             # (the frames were recorded with fused attention, hence not bit for bit)
             torch.testing.assert_close(resumed, full_hooked, rtol=1e-4, atol=1e-5)
             tail = full_order[full_order.index(f"blocks.{layer}.hook_resid_pre") :]
@@ -164,8 +172,11 @@ def test_resumed_pass_equals_the_full_pass(variant, tokens):
 
 def test_resume_checks_the_layer(tokens):
     model = make_model("plain")
-    with pytest.raises(InputError, match="cannot resume"):
-        model._run(tokens, None, None, resume=RunFrame(model.cfg.n_layers, torch.zeros(2, 7, 32)))
+    with pytest.raises(InputError, match="start_at_layer=6 is out of range"):
+        model(torch.zeros(2, 7, 32), start_at_layer=model.cfg.n_layers)
+    injecting = make_model("prelude_coda_add")  # a later step injects the prelude output: it must be given
+    with pytest.raises(InputError, match="inject 1 needs source.*prelude_out="):
+        injecting(torch.zeros(2, 7, 32), start_at_layer=2)
 
 
 def test_frames_carry_the_loop_state():

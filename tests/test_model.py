@@ -110,13 +110,27 @@ def test_run_with_cache_at_another_depth_stays_bound(tokens):
     assert cache.stack_loop("resid_post").shape[:2] == (5, model.cfg.layers_per_step)
 
 
-def test_per_call_steps_refuses_hooks_named_at_another_depth(tokens):
+def test_hooks_stay_bound_to_their_names_across_depths(tokens):
     model = make_model("plain")
-    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: x)]):
-        with pytest.raises(InputError, match="hooks are attached at n_steps=3"):
-            model(tokens, n_steps=5)
-    out = model.run_with_hooks(tokens, n_steps=5, fwd_hooks=[("blocks.9.hook_resid_pre", lambda x, hook: x)])
-    torch.testing.assert_close(out, model(tokens, n_steps=5))
+    fired: list[str] = []
+    model.add_perma_hook("hook_embed", lambda x, hook: fired.append(hook.name))
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: fired.append(hook.name))]):
+        model(tokens, n_steps=5)  # a per-call depth keeps the hooks
+        assert fired == ["hook_embed", "blocks.0.hook_resid_pre"]
+        model.set_n_steps(1)
+        model(tokens)
+        assert fired[2:] == ["hook_embed", "blocks.0.hook_resid_pre"]
+        model.set_n_steps(3)
+    model.add_hook("blocks.5.hook_resid_pre", lambda x, hook: fired.append(hook.name))
+    model.set_n_steps(2)  # blocks.5 does not exist at 2 steps: the call raises, naming it
+    with pytest.raises(InputError, match=r"blocks\.5\.hook_resid_pre.*do not exist at n_steps=2"):
+        model(tokens)
+    model.reset_hooks(including_permanent=True)  # removes hooks at every depth
+    model(tokens)
+    model.set_n_steps(3)
+    fired.clear()
+    model(tokens)
+    assert fired == []
 
 
 def test_gradients_reach_every_parameter(variant, tokens):
@@ -311,3 +325,20 @@ def test_random_model_is_seedable():
     b = HookedLoopedTransformer(make_cfg("plain"), seed=3)
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert na == nb and torch.equal(pa, pb)
+
+
+def test_models_built_from_one_config_do_not_share_it(tokens):
+    from conftest import make_cfg
+
+    from tl_loop import HookedLoopedTransformer
+
+    cfg = make_cfg("prelude_coda_add")
+    a, b = HookedLoopedTransformer(cfg, seed=0), HookedLoopedTransformer(cfg, seed=0)
+    a.set_n_steps(6)
+    assert (b.cfg.n_steps, b.cfg.n_layers, len(b.blocks)) == (3, 8, 8)
+    assert cfg.n_steps == 3 and cfg.n_layers == 8
+    from transformer_lens import patching
+
+    _, cache = b.run_with_cache(tokens)
+    out = patching.get_act_patch_resid_pre(b, tokens, cache, lambda logits: logits[0, -1, 0])
+    assert out.shape == (8, tokens.shape[1])

@@ -24,25 +24,35 @@ from transformer_lens import ActivationCache
 from transformer_lens.utilities import Slice
 
 from tl_loop.errors import UnsupportedError
+from tl_loop.program import Interpreter, Program, RunFrame
 from tl_loop.schedule import Schedule
 
 
 class ModelAtSteps:
     """The model as it runs at a fixed number of steps (what a cache is bound to).
 
-    Delegates to the model but answers ``cfg``, ``blocks``, ``loops`` and ``schedule`` for its
-    own depth, so a cache stays valid after ``model.set_n_steps`` changes the default.
+    Delegates to the model but answers ``cfg``, ``blocks``, ``loops``, ``schedule`` and
+    ``program`` for its own depth, so a cache stays valid after ``model.set_n_steps`` changes
+    the default (``blocks``/``loops`` are then hook-free views of that depth).
     """
 
     def __init__(self, model: Any, n_steps: int) -> None:
         self.model = model
         self.n_steps = n_steps
-        views = model._views_for(n_steps)
-        self.blocks, self.loops, self.schedule = views.blocks, views.loops, views.schedule
         self.cfg = model.cfg.with_steps(n_steps)
+        self.program = Program.from_config(self.cfg, n_steps)
+        self.schedule = self.program.schedule
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
+
+    @property
+    def blocks(self) -> Any:
+        return self.model.views_at(self.n_steps).blocks
+
+    @property
+    def loops(self) -> Any:
+        return self.model.views_at(self.n_steps).loops
 
     # Members of TransformerLens's model protocols, defined explicitly so structural checks pass.
     @property
@@ -90,8 +100,12 @@ class _Stream:
         return _Stream(self.rows + other.rows, self.const + other.const)
 
 
-class _Replay:
-    """Carries components through the forward pass, reading every scale from the cache."""
+class _Replay(Interpreter):
+    """Carries components through the program, reading every norm scale from the cache.
+
+    The frame's values are ``_Stream``s instead of tensors; each operation is the linear map the
+    forward pass applied (norms with their cached scale, injection, the adapter).
+    """
 
     def __init__(self, cache: "LoopedActivationCache", mode: Literal["layers", "heads"], pos_slice: Slice) -> None:
         self.cache, self.mode, self.pos_slice = cache, mode, pos_slice
@@ -126,100 +140,107 @@ class _Replay:
                 labels.append(f"{i}_mlp_out")
         return labels
 
+    # ---- streams ----
+    def fresh(self, label: str | None = None, value: torch.Tensor | None = None) -> _Stream:
+        s = _Stream(self.zero_rows.clone(), torch.zeros_like(self.embed_value))
+        if label is not None:
+            s.rows[self.row[label]] = value
+        return s
+
+    def norm(self, stream: _Stream, view: Any, scale_name: str) -> _Stream:
+        scale = self.get(scale_name)
+        out = stream.map(lambda x: view.apply_fixed_scale(x, scale))
+        if view.b is not None:
+            out.const = out.const + view.b
+        return out
+
     @torch.no_grad()
-    def run(self, layer: int, mlp_input: bool) -> tuple[torch.Tensor, list[str]]:
-        cfg, blocks = self.cfg, self.model.blocks
+    def run_to(self, layer: int, mlp_input: bool) -> tuple[torch.Tensor, list[str]]:
         labels = self.labels_until(layer, mlp_input)
-        row = {label: k for k, label in enumerate(labels)}
-        embed = self.get("hook_embed")
-        zeros_rows = embed.new_zeros((len(labels), *embed.shape))
+        self.row = {label: k for k, label in enumerate(labels)}
+        self.embed_value = self.get("hook_embed")
+        self.zero_rows = self.embed_value.new_zeros((len(labels), *self.embed_value.shape))
+        program = self.model.program
+        frame = RunFrame(0)
+        self.run(program, frame, 0, program.block_position(layer))
+        stream = frame.x
+        if mlp_input:  # the attention half of the target layer
+            stream = self.attention_half(stream, layer, self.model.blocks[layer])
+        return self.finish(stream, labels)
 
-        def fresh(label: str | None = None, value: torch.Tensor | None = None) -> _Stream:
-            s = _Stream(zeros_rows.clone(), torch.zeros_like(embed))
-            if label is not None:
-                s.rows[row[label]] = value
-            return s
+    # ---- operations ----
+    def embed(self, op: Any, f: RunFrame) -> None:
+        f.x = self.fresh("embed", self.embed_value)
+        if "pos_embed" in self.row:
+            f.x.rows[self.row["pos_embed"]] = self.get("hook_pos_embed")
 
-        def norm(stream: _Stream, view: Any, scale_name: str) -> _Stream:
-            scale = self.get(scale_name)
-            out = stream.map(lambda x: view.apply_fixed_scale(x, scale))
-            if view.b is not None:
-                out.const = out.const + view.b
-            return out
+    def block(self, op: Any, f: RunFrame) -> None:
+        block = self.model.blocks[op.index]
+        stream = self.attention_half(f.x, op.index, block)
+        stream.rows[self.row[f"{op.index}_mlp_out"]] += self.get(f"blocks.{op.index}.hook_mlp_out")
+        if self.cfg.resid_norm:
+            stream = self.norm(stream, block.ln_resid_post, f"blocks.{op.index}.ln_resid_post.hook_scale")
+        f.x = stream
 
-        i = 0
-        done = False
+    def enter_loop(self, op: Any, f: RunFrame) -> None:
+        cfg = self.cfg
+        f.prelude_out = f.x
+        if cfg.state_init == "zeros":
+            f.state = self.fresh()
+        elif cfg.state_init == "prelude":
+            f.state = f.x.clone()
+        elif self.schedule.n_steps:
+            f.state = self.fresh("init_state", self.get("loops.0.hook_state_in"))
+        else:
+            raise UnsupportedError(
+                "at n_steps=0 the random initial state goes straight past the loop and no hook "
+                "point records it: exact attribution after the prelude needs n_steps >= 1"
+            )
+        if cfg.inner_cycles and self.schedule.n_steps:
+            learned = "inner_init" in self.row
+            f.inner_state = self.fresh("inner_init", self.get("loops.0.inner.0.hook_state_in")) if learned else self.fresh()
 
-        def run_blocks(stream: _Stream, count: int) -> _Stream:
-            nonlocal i, done
-            for _ in range(count):
-                if done:
-                    return stream
-                if i == layer and not mlp_input:
-                    done = True
-                    return stream
-                stream = self.block(stream, i, blocks[i], row, norm)
-                if i == layer:  # mlp_input: stopped after the attention half
-                    done = True
-                    return stream
-                i += 1
-            return stream
+    def state_in(self, op: Any, f: RunFrame) -> None:
+        f.source = f.prelude_out
 
-        resid = fresh("embed", embed)
-        if "pos_embed" in row:
-            resid.rows[row["pos_embed"]] = self.get("hook_pos_embed")
-        resid = run_blocks(resid, cfg.n_prelude_layers)
-        if not done:  # also at n_steps=0: the coda then reads the (normed) initial state
-            prelude_out = resid
-            kind = cfg.state_init
-            if kind == "zeros":
-                state = fresh()
-            elif kind == "prelude":
-                state = prelude_out.clone()
-            elif len(self.model.loops):
-                state = fresh("init_state", self.get("loops.0.hook_state_in"))
-            else:
-                raise UnsupportedError(
-                    "at n_steps=0 the random initial state goes straight past the loop and no hook "
-                    "point records it: exact attribution after the prelude needs n_steps >= 1"
-                )
-            inner = None
-            if cfg.inner_cycles and len(self.model.loops):
-                inner = fresh("inner_init", self.get("loops.0.inner.0.hook_state_in")) if "inner_init" in row else fresh()
+    def inner_in(self, op: Any, f: RunFrame) -> None:
+        f.x = f.inner_state + f.state
+
+    def inner_out(self, op: Any, f: RunFrame) -> None:
+        if op.norm:
+            norm = self.model.loops[op.step].inner[op.cycle].ln_state
+            f.inner_state = self.norm(f.x, norm, f"loops.{op.step}.inner.{op.cycle}.ln_state.hook_scale")
+        else:
+            f.inner_state = f.x
+        f.source = f.inner_state
+
+    def inject(self, op: Any, f: RunFrame) -> None:
+        if op.how == "add":
+            f.x = f.state + f.source
+        elif op.how == "linear":
             adapter = self.model.adapter
-            for step in self.model.loops:
-                r = step.step
-                source = prelude_out
-                for c in range(cfg.inner_cycles):
-                    assert inner is not None
-                    x = run_blocks(inner + state, cfg.n_inner_layers)
-                    if done:
-                        return self.finish(x, labels)
-                    inner = norm(x, step.inner[c].ln_state, f"loops.{r}.inner.{c}.ln_state.hook_scale") if cfg.inner_norm else x
-                    source = inner
-                injection = "add" if cfg.inner_cycles else cfg.injection
-                if injection == "add":
-                    x = state + source
-                elif injection == "linear":
-                    w_state, w_source = adapter.split()
-                    x = state.map(lambda t: t @ w_state.T.to(t.dtype)) + source.map(lambda t: t @ w_source.T.to(t.dtype))
-                    if adapter.bias is not None:
-                        x.const = x.const + adapter.bias
-                else:
-                    x = state
-                x = run_blocks(x, cfg.n_core_layers)
-                if done:
-                    return self.finish(x, labels)
-                if "ln_state" in step._modules:
-                    x = norm(x, step.ln_state, f"loops.{r}.ln_state.hook_scale")
-                state = x
-            if cfg.norm_after_loop:
-                state = norm(state, self.model.ln_loop_out, "ln_loop_out.hook_scale")
-            resid = state
-        resid = run_blocks(resid, cfg.n_coda_layers)
-        return self.finish(resid, labels)
+            w_state, w_source = adapter.split()
+            x = f.state.map(lambda t: t @ w_state.T.to(t.dtype)) + f.source.map(lambda t: t @ w_source.T.to(t.dtype))
+            if adapter.bias is not None:
+                x.const = x.const + adapter.bias
+            f.x = x
+        else:
+            f.x = f.state.clone()
 
-    def block(self, stream: _Stream, i: int, block: Any, row: dict[str, int], norm: Any) -> _Stream:
+    def state_out(self, op: Any, f: RunFrame) -> None:
+        if op.norm:
+            f.state = self.norm(f.x, self.model.loops[op.step].ln_state, f"loops.{op.step}.ln_state.hook_scale")
+        else:
+            f.state = f.x
+
+    def exit_gate(self, op: Any, f: RunFrame) -> None:
+        return None
+
+    def leave_loop(self, op: Any, f: RunFrame) -> None:
+        f.x = self.norm(f.state, self.model.ln_loop_out, "ln_loop_out.hook_scale") if op.norm else f.state
+
+    def attention_half(self, stream: _Stream, i: int, block: Any) -> _Stream:
+        """The block's attention output added (and the stream normed after the add, Huginn)."""
         cfg = self.cfg
         if self.mode == "heads":
             result = self.cache._head_result(i)
@@ -232,18 +253,12 @@ class _Replay:
                 if block.ln1_post.b is not None:
                     b_o = b_o + block.ln1_post.b
             for h in range(cfg.n_heads):
-                stream.rows[row[f"L{i}H{h}"]] += result[..., h, :]
+                stream.rows[self.row[f"L{i}H{h}"]] += result[..., h, :]
             stream.const = stream.const + b_o
         else:
-            stream.rows[row[f"{i}_attn_out"]] += self.get(f"blocks.{i}.hook_attn_out")
+            stream.rows[self.row[f"{i}_attn_out"]] += self.get(f"blocks.{i}.hook_attn_out")
         if cfg.resid_norm:
-            stream = norm(stream, block.ln_resid_mid, f"blocks.{i}.ln_resid_mid.hook_scale")
-        label = f"{i}_mlp_out"
-        if label not in row:  # mlp_input target: stop after the attention half
-            return stream
-        stream.rows[row[label]] += self.get(f"blocks.{i}.hook_mlp_out")
-        if cfg.resid_norm:
-            stream = norm(stream, block.ln_resid_post, f"blocks.{i}.ln_resid_post.hook_scale")
+            stream = self.norm(stream, block.ln_resid_mid, f"blocks.{i}.ln_resid_mid.hook_scale")
         return stream
 
     def finish(self, stream: _Stream, labels: list[str]) -> tuple[torch.Tensor, list[str]]:
@@ -359,7 +374,7 @@ class LoopedActivationCache(ActivationCache):
         ``resid_mid`` with ``mlp_input``)."""
         layer = self._resolve_layer(layer)
         pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
-        rows, labels = _Replay(self, "layers", pos_slice).run(layer, mlp_input)
+        rows, labels = _Replay(self, "layers", pos_slice).run_to(layer, mlp_input)
         keep = [
             k for k, label in enumerate(labels)
             if not (mode == "mlp" and label.endswith("_attn_out"))
@@ -383,7 +398,7 @@ class LoopedActivationCache(ActivationCache):
         residual stream entering ``layer``; ``incl_remainder`` adds the rest of the stream."""
         layer = self._resolve_layer(layer)
         pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
-        rows, labels = _Replay(self, "heads", pos_slice).run(layer, mlp_input=False)
+        rows, labels = _Replay(self, "heads", pos_slice).run_to(layer, mlp_input=False)
         keep = [k for k, label in enumerate(labels) if label.startswith("L") and "H" in label]
         heads, head_labels = rows[keep], [labels[k] for k in keep]
         if incl_remainder:

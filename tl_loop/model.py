@@ -8,10 +8,13 @@ How the pieces connect:
   ``exit_gate``. ``state_dict()`` holds these only.
 * **Views** carry the hook points: ``model.blocks[i]`` is effective layer ``i`` of the unrolled
   model (a ``HookedBlock`` computing with the shared weights of its physical block),
-  ``model.loops[r]`` holds the loop-level hooks of step ``r``. Views are rebuilt (and cached)
-  when the number of steps changes; weights never move.
-* **The schedule** (``model.schedule``, see ``tl_loop.schedule``) says which physical block each
-  effective layer runs; ``forward`` walks it.
+  ``model.loops[r]`` holds the loop-level hooks of step ``r``. There is one view per name, kept
+  across depths: when the number of steps changes, view ``i`` is re-bound to the weights that
+  run at effective layer ``i`` there, so a hook stays attached to its *name*. Views beyond the
+  current depth are hidden (no hook name of the model) until the depth reaches them again.
+* **The program** (``model.program``, see ``tl_loop.program``) is the forward pass as one list of
+  operations; ``forward`` and every other path that executes the model interpret it.
+  ``model.schedule`` says which physical block each effective layer runs.
 
 Every TransformerLens verb works unchanged: ``run_with_hooks``, ``run_with_cache`` (which returns
 a ``tl_loop.LoopedActivationCache``, an ``ActivationCache`` subclass), ``hooks()``,
@@ -21,6 +24,7 @@ a ``tl_loop.LoopedActivationCache``, an ``ActivationCache`` subclass), ``hooks()
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import logging
@@ -39,51 +43,32 @@ from tl_loop.components.embed import Adapter, Embedding, ExitGate, PosEmbedding,
 from tl_loop.components.loop import LoopStep
 from tl_loop.components.norm import HookedNorm, NormWeights
 from tl_loop.components.rotary import RotaryTables, rotary_inv_freq, rotary_tables
+from tl_loop.components.base import all_hook_points
 from tl_loop.config import LoopedConfig
 from tl_loop.errors import InputError
+from tl_loop.execution import Forward
+from tl_loop.program import Program, RunFrame
 from tl_loop.schedule import Schedule
 
 ReturnType = Literal["logits", "loss", "both"] | None
 
 
-@dataclasses.dataclass
-class RunFrame:
-    """The live variables of a forward pass just before effective layer ``index`` runs.
-
-    ``x``: the residual stream entering the block (before its ``hook_resid_pre``); ``state``: the
-    recurrent state of the current step (after ``hook_state_in``); ``inner_state``: HRM's
-    low-level state; ``source``: what the step's injection adds (the prelude output, or HRM's
-    inner state); ``prelude_out``: the prelude's output. Tensors not defined yet are None.
-    """
-
-    index: int
-    x: torch.Tensor | None = None
-    state: torch.Tensor | None = None
-    inner_state: torch.Tensor | None = None
-    source: torch.Tensor | None = None
-    prelude_out: torch.Tensor | None = None
-
-    TENSORS = ("x", "state", "inner_state", "source", "prelude_out")
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "RunFrame":
-        """A frame with ``fn`` applied to every tensor (None stays None)."""
-        return RunFrame(self.index, *(None if (t := getattr(self, k)) is None else fn(t) for k in self.TENSORS))
-
-
 class _Views(nn.Module):
-    """Hook-bearing views for one number of steps (a container, never registered itself)."""
+    """Hook-free views for one number of steps, detached from the model (never registered):
+    what a cache recorded at another depth reads its weights through."""
 
     def __init__(self, model: "HookedLoopedTransformer", n_steps: int) -> None:
         super().__init__()
         cfg = model.cfg
-        self.schedule = Schedule.from_config(cfg, n_steps)
-        stacks = {"prelude": model.prelude, "inner": model.inner, "core": model.core, "coda": model.coda}
+        self.program = Program.from_config(cfg, n_steps)
+        self.schedule = self.program.schedule
+        stacks = model._stacks()
         self.blocks = nn.ModuleList(
             HookedBlock(stacks[layer.stage][layer.layer_in_stack], cfg) for layer in self.schedule
         )
-        self.loops = nn.ModuleList(
-            LoopStep(cfg, r, n_steps, model._loop_norm_weights) for r in range(n_steps)
-        )
+        self.loops = nn.ModuleList(LoopStep(cfg, r, model._loop_norm_weights) for r in range(n_steps))
+        for r, step in enumerate(self.loops):
+            step.set_last(r == n_steps - 1)
 
 
 class HookedLoopedTransformer(HookedRootModule):
@@ -110,6 +95,9 @@ class HookedLoopedTransformer(HookedRootModule):
         self, cfg: LoopedConfig, tokenizer: Any = None, init_weights: bool = True, seed: int | None = None
     ) -> None:
         super().__init__()
+        if not isinstance(cfg, LoopedConfig):
+            raise InputError(f"cfg must be a LoopedConfig, got {type(cfg).__name__}")
+        cfg = copy.deepcopy(cfg)  # the model owns its config: nothing it does changes the caller's
         self.cfg = cfg
         self.tokenizer = tokenizer
 
@@ -138,8 +126,14 @@ class HookedLoopedTransformer(HookedRootModule):
             self.ln_loop_out = HookedNorm(self._loop_norm_weights, cfg.norm_type, cfg.eps)
         self.ln_final = HookedNorm(self.final_norm, cfg.norm_type, cfg.eps)
 
-        self._views: dict[int, _Views] = {}
-        self._readout_views: _Views | None = None
+        # One view per hook name, kept across depths (see the module docstring).
+        self._block_pool: list[HookedBlock] = []
+        self._block_bound: list[str] = []  # the physical block each pooled view computes with
+        self._loop_pool: list[LoopStep] = []
+        self._hidden_hook_points: list[tuple[str, nn.Module]] = []
+        self._detached: tuple[int, _Views] | None = None
+        self._hook_free: dict[str, nn.Module] | None = None
+        self._splices: list[Any] = []
         self._rotary_cache: dict[tuple[int, str, torch.dtype], RotaryTables] = {}
         self._install_views(cfg.n_steps)
         if init_weights:
@@ -153,22 +147,84 @@ class HookedLoopedTransformer(HookedRootModule):
             return self.loop_norm
         return self.final_norm if self.cfg.loop_norm_weights == "ln_final" else None
 
-    def _views_for(self, n_steps: int) -> _Views:
-        if n_steps not in self._views:
-            views = _Views(self, n_steps)
-            views.train(self.training)
-            self._views[n_steps] = views
-        return self._views[n_steps]
+    def _stacks(self) -> dict[str, nn.ModuleList]:
+        return {"prelude": self.prelude, "inner": self.inner, "core": self.core, "coda": self.coda}
 
     def _install_views(self, n_steps: int) -> None:
-        views = self._views_for(n_steps)
+        """Show the hook points of ``n_steps`` steps: pooled views re-bound to the weights that
+        run at each effective layer there, the rest hidden with whatever hooks they hold."""
+        cfg = self.cfg
+        program = Program.from_config(cfg, n_steps)
+        stacks = self._stacks()
+        for layer in program.schedule:
+            weights = stacks[layer.stage][layer.layer_in_stack]
+            if layer.index == len(self._block_pool):
+                self._block_pool.append(HookedBlock(weights, cfg))
+                self._block_bound.append(layer.physical)
+            elif self._block_bound[layer.index] != layer.physical:
+                self._block_pool[layer.index].bind(weights)
+                self._block_bound[layer.index] = layer.physical
+        while len(self._loop_pool) < n_steps:
+            self._loop_pool.append(LoopStep(cfg, len(self._loop_pool), self._loop_norm_weights))
+        for r in range(n_steps):
+            self._loop_pool[r].set_last(r == n_steps - 1)
         # Assigning registers them as children, so named_modules() / setup() see their hooks.
-        self.blocks = views.blocks
-        self.loops = views.loops
-        self.schedule = views.schedule
-        self.cfg.n_steps = n_steps
-        self.cfg.n_layers = self.cfg.effective_depth(n_steps)
+        self.blocks = nn.ModuleList(self._block_pool[: len(program.schedule)])
+        self.loops = nn.ModuleList(self._loop_pool[:n_steps])
+        self.blocks.train(self.training)
+        self.loops.train(self.training)
+        self.program, self.schedule = program, program.schedule
+        cfg.n_steps = n_steps
+        cfg.n_layers = cfg.effective_depth(n_steps)
+        from tl_loop.splice import attach_splices
+
+        attach_splices(self)
         self.setup()
+        self._hidden_hook_points = [(n, hp) for n, hp in self._pooled_hook_points() if n not in self.hook_dict]
+
+    def _pooled_hook_points(self) -> list[tuple[str, nn.Module]]:
+        """Every hook point of every pooled view, shown or hidden, with its name."""
+        points = [p for i, b in enumerate(self._block_pool) for p in all_hook_points(b, f"blocks.{i}")]
+        points += [p for r, step in enumerate(self._loop_pool) for p in all_hook_points(step, f"loops.{r}")]
+        from tl_loop.splice import detached_site_points
+
+        return points + detached_site_points(self)
+
+    def _rebind_weights(self) -> None:
+        """Re-read every view's weights from the physical stacks (call after replacing weight
+        modules, e.g. folding a norm into the weights)."""
+        self._block_bound = ["" for _ in self._block_bound]
+        self._detached, self._hook_free = None, None
+        for step in self._loop_pool:
+            norm = step._modules.get("ln_state") or step.__dict__.get("_hidden_children", {}).get("ln_state")
+            if norm is not None:
+                norm.bind(self._loop_norm_weights)
+        if self.cfg.norm_after_loop:
+            self.ln_loop_out.bind(self._loop_norm_weights)
+        self.ln_final.bind(self.final_norm)
+        self._install_views(self.cfg.n_steps)
+
+    def views_at(self, n_steps: int) -> Any:
+        """``blocks``, ``loops``, ``schedule`` and ``program`` at ``n_steps``: the model's own
+        at its current depth, else hook-free views (the last depth asked for is kept)."""
+        if n_steps == self.cfg.n_steps:
+            return self
+        if self._detached is None or self._detached[0] != n_steps:
+            self._detached = (n_steps, _Views(self, n_steps))
+        return self._detached[1]
+
+    def _hook_free_modules(self) -> dict[str, nn.Module]:
+        """Hook-free views of every physical block and of the loop / final norms (never
+        registered, never cached): what per-step read-outs run."""
+        if self._hook_free is None:
+            cfg = self.cfg
+            modules: dict[str, nn.Module] = {
+                f"{stage}.{j}": HookedBlock(w, cfg) for stage, stack in self._stacks().items() for j, w in enumerate(stack)
+            }
+            modules["ln_loop_out"] = HookedNorm(self._loop_norm_weights, cfg.norm_type, cfg.eps)
+            modules["ln_final"] = HookedNorm(self.final_norm, cfg.norm_type, cfg.eps)
+            self._hook_free = modules
+        return self._hook_free
 
     def check_n_steps(self, n_steps: int, force: bool = False) -> int:
         """Validate a step count: an int >= 0, at most ``cfg.max_steps`` unless ``force``."""
@@ -187,8 +243,10 @@ class HookedLoopedTransformer(HookedRootModule):
         return n_steps
 
     def set_n_steps(self, n_steps: int, force: bool = False) -> None:
-        """Change the default number of steps. Hook points, ``cfg.n_layers`` and ``schedule``
-        follow; weights are not copied. Hooks attached to the old hook points stay with them."""
+        """Change the default number of steps. Hook points, ``cfg.n_layers``, ``schedule`` and
+        ``program`` follow; weights are not copied. Hooks stay bound to their names: a hook on a
+        name that exists at the new depth keeps firing; one on a name that does not makes the
+        next forward pass raise (``reset_hooks()`` removes hooks at every depth)."""
         n_steps = self.check_n_steps(n_steps, force)
         if n_steps != self.cfg.n_steps:
             self._install_views(n_steps)
@@ -204,7 +262,23 @@ class HookedLoopedTransformer(HookedRootModule):
             self.set_n_steps(previous, force=True)
 
     def _any_hooks_attached(self) -> bool:
-        return any(has_hooks(hp) for hp in self.hook_dict.values())
+        return any(has_hooks(hp) for hp in self.hook_points())
+
+    def hook_points(self):  # type: ignore[override]
+        """Every hook point, those of other depths included (so ``reset_hooks`` and the
+        ``hooks()`` context manager clear hooks wherever they were attached)."""
+        return [*self.hook_dict.values(), *(hp for _, hp in self._hidden_hook_points)]
+
+    def _check_no_hidden_hooks(self) -> None:
+        if not self._hidden_hook_points:
+            return
+        stale = [name for name, hp in self._hidden_hook_points if has_hooks(hp)]
+        if stale:
+            raise InputError(
+                f"hooks are attached to {stale[:3]}{' and more' if len(stale) > 3 else ''}, which do not exist "
+                f"at n_steps={self.cfg.n_steps} ({self.cfg.n_layers} effective layers); run at a depth that "
+                "has them, or remove them with model.reset_hooks()"
+            )
 
     # ------------------------------------------------------------------ TL verbs
     def run_with_hooks(self, *model_args: Any, n_steps: int | None = None, force: bool = False, **kwargs: Any):  # type: ignore[override]
@@ -234,6 +308,36 @@ class HookedLoopedTransformer(HookedRootModule):
                 cache_dict, self, n_steps=self.cfg.n_steps, has_batch_dim=not kwargs.get("remove_batch_dim", False)
             )
         return out, cache
+
+    # ------------------------------------------------------------------ splicing modules in
+    def splice(self, hook: str, module: nn.Module, layer_in_cycle: int | None = None) -> None:
+        """Run ``module`` on the activation at ``hook`` at every step, its output replacing it.
+
+        ``hook`` is a block hook suffix (``"hook_resid_post"``, ``"attn.hook_z"``: at every
+        effective layer, or at layer ``layer_in_cycle`` of the cycle at every step), a loop hook
+        suffix (``"hook_state_out"``: at every step) or a full hook name. The module is stored
+        once; its own ``HookPoint``s appear at each site under the host's name
+        (``blocks.5.hook_resid_post.hook_sae_acts_post``), cached, patchable and kept across
+        depth changes. See ``tl_loop.splice``.
+        """
+        from tl_loop.splice import check_splice
+
+        self._splices.append(check_splice(self, hook, module, layer_in_cycle))
+        self._install_views(self.cfg.n_steps)
+
+    def unsplice(self, hook: str | None = None, module: nn.Module | None = None) -> None:
+        """Undo ``splice`` for every splice matching ``hook`` and/or ``module`` (default: all)."""
+        matches = [s for s in self._splices if (hook is None or s.hook == hook) and (module is None or s.module is module)]
+        if not matches and (hook is not None or module is not None):
+            raise InputError(f"unsplice: no module is spliced at {hook!r}" + (f" as {type(module).__name__}" if module is not None else ""))
+        self._splices = [s for s in self._splices if s not in matches]
+        self._removed_splices = [*getattr(self, "_removed_splices", []), *matches]
+        self._install_views(self.cfg.n_steps)
+
+    @property
+    def splices(self) -> list[Any]:
+        """The modules spliced in (``Splice`` objects: ``hook``, ``module``, ``layer_in_cycle``)."""
+        return list(self._splices)
 
     def _warn_if_filter_matches_nothing(self, names_filter: Any) -> None:
         if names_filter is None:
@@ -487,19 +591,18 @@ class HookedLoopedTransformer(HookedRootModule):
         nn.init.trunc_normal_(x, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=gen)
         return (x * self.cfg.state_init_scale).to(like.dtype)
 
-    def _inject(self, step: LoopStep, state: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        kind = "add" if self.cfg.inner_cycles else self.cfg.injection
-        if kind == "none":
-            return state
-        x = state + source if kind == "add" else self.adapter(state, source)  # type: ignore[misc]
-        return step.hook_injected(x)
-
     def forward(
         self,
-        input: Int[torch.Tensor, "batch pos"] | str | list[str],
+        input: Int[torch.Tensor, "batch pos"] | Float[torch.Tensor, "batch pos d_model"] | str | list[str],
         return_type: ReturnType = "logits",
         loss_per_token: bool = False,
         *,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        tokens: Int[torch.Tensor, "batch pos"] | None = None,
+        state: Float[torch.Tensor, "batch pos d_model"] | None = None,
+        prelude_out: Float[torch.Tensor, "batch pos d_model"] | None = None,
+        inner_state: Float[torch.Tensor, "batch pos d_model"] | None = None,
         n_steps: int | None = None,
         init_state: Float[torch.Tensor, "batch pos d_model"] | None = None,
         init_seed: int | None = None,
@@ -508,11 +611,21 @@ class HookedLoopedTransformer(HookedRootModule):
         """Run the unrolled model.
 
         Args:
-            input: token ids ``[batch, pos]`` (or text, when the model has a tokenizer).
+            input: token ids ``[batch, pos]`` (or text, when the model has a tokenizer); with
+                ``start_at_layer``, the residual stream entering that layer ``[batch, pos, d_model]``.
             return_type: ``"logits"``, ``"loss"``, ``"both"`` (``(logits, loss)``) or ``None``.
             loss_per_token: return the per-token loss ``[batch, pos - 1]``.
-            n_steps: steps for this call (default ``cfg.n_steps``). Hooks must be named at the
-                depth they run at: use ``run_with_hooks(..., n_steps=)`` or ``model.steps(n)``.
+            start_at_layer: start at effective layer ``k`` from ``input`` (TransformerLens
+                semantics). A layer inside or after the loop needs what the rest of the pass
+                reads besides the stream: ``prelude_out`` (injected at every later step),
+                ``state`` (the recurrent state, HRM's z_H) and ``inner_state`` (HRM's z_L). A
+                missing one raises naming it; ``run_to_layer`` returns all of them.
+            stop_at_layer: return the residual stream entering effective layer ``k``
+                (``blocks.{k}.hook_resid_pre``; ``k = n_layers``: the stream entering
+                ``ln_final``) instead of logits; negative values count from the end.
+            tokens: the tokens, for the loss when starting from a residual stream.
+            state, prelude_out, inner_state: see ``start_at_layer``.
+            n_steps: steps for this call (default ``cfg.n_steps``); hooks follow their names.
             init_state: the state entering step 0 (``[batch, pos, d_model]``).
             init_seed: seed of the random initial state (families with ``state_init="random"``).
             force: allow ``n_steps`` above ``cfg.max_steps``.
@@ -522,28 +635,101 @@ class HookedLoopedTransformer(HookedRootModule):
         if n_steps is not None:
             n_steps = self.check_n_steps(n_steps, force)
             if n_steps != self.cfg.n_steps:
-                if self._any_hooks_attached():
-                    raise InputError(
-                        f"hooks are attached at n_steps={self.cfg.n_steps} but this call runs "
-                        f"n_steps={n_steps}; pass n_steps to run_with_hooks/run_with_cache, or use "
-                        "`with model.steps(n):` so hook names refer to the depth that runs"
-                    )
                 with self.steps(n_steps, force):
-                    return self.forward(input, return_type, loss_per_token, init_state=init_state, init_seed=init_seed)
-        tokens = self._validate_tokens(input)
-        logits = self._head(self._run(tokens, init_state, init_seed))
+                    return self.forward(
+                        input, return_type, loss_per_token, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer,
+                        tokens=tokens, state=state, prelude_out=prelude_out, inner_state=inner_state,
+                        init_state=init_state, init_seed=init_seed,
+                    )
+        self._check_no_hidden_hooks()
+        program = self.program
+        if start_at_layer is None:
+            tokens = self._validate_tokens(input)
+            frame = RunFrame(0)
+            start = 0
+        else:
+            start = program.block_position(self._layer_arg(start_at_layer, "start_at_layer", allow_end=False))
+            frame = self._start_frame(input, start_at_layer, state, prelude_out, inner_state)
+            if tokens is not None:
+                tokens = self._validate_tokens(tokens)
+        stop = None
+        if stop_at_layer is not None:
+            stop = program.block_position(self._layer_arg(stop_at_layer, "stop_at_layer", allow_end=True))
+            if stop < start:
+                raise InputError(f"stop_at_layer={stop_at_layer} comes before start_at_layer={start_at_layer}")
+        x = frame.x if frame.x is not None else tokens
+        assert x is not None
+        run = Forward(self, tokens, self._rotary(x.shape[1], x.device), init_state=init_state, init_seed=init_seed,
+                      started_at=start_at_layer)
+        run.run(program, frame, start, stop)
+        if stop is not None:
+            return frame.x
+        logits = frame.x
         if return_type is None:
             return None
         if return_type == "logits":
             return logits
+        if tokens is None:
+            raise InputError("a loss needs the tokens: pass tokens= when starting from a residual stream")
+        if tokens.shape[1] < 2:
+            raise InputError(
+                f"a loss needs at least 2 tokens per sequence (each position predicts the next), got {tokens.shape[1]}"
+            )
         loss = lm_cross_entropy_loss(logits, tokens, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
-    @property
-    def _gate_reads_ln_final(self) -> bool:
-        """The last step's exit gate reads ln_final's output when nothing sits between the loop
-        and ln_final (Ouro: the final norm *is* the last step's state norm)."""
-        return self.cfg.n_coda_layers == 0 and not self.cfg.norm_after_loop
+    def run_to_layer(
+        self, input: Any, layer: int, *, init_state: torch.Tensor | None = None, init_seed: int | None = None
+    ) -> RunFrame:
+        """The live variables of the pass entering effective layer ``layer`` (a ``RunFrame``:
+        ``x``, ``state``, ``inner_state``, ``prelude_out``), hooks firing up to there: what
+        ``forward(frame.x, start_at_layer=layer, state=frame.state, prelude_out=frame.prelude_out,
+        inner_state=frame.inner_state)`` continues from."""
+        n = self._layer_arg(layer, "layer", allow_end=False)
+        self._check_no_hidden_hooks()
+        frame = self._execute(self._validate_tokens(input), stop=self.program.block_position(n),
+                              init_state=init_state, init_seed=init_seed)
+        frame.index = n
+        return frame
+
+    def _layer_arg(self, layer: Any, what: str, allow_end: bool) -> int:
+        n = self.cfg.n_layers
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise InputError(f"{what} must be an int, got {layer!r}")
+        k = layer + n if layer < 0 else layer
+        if not 0 <= k <= (n if allow_end else n - 1):
+            raise InputError(f"{what}={layer} is out of range: the model runs {n} effective layers")
+        return k
+
+    def _start_frame(self, input: Any, layer: int, state: Any, prelude_out: Any, inner_state: Any) -> RunFrame:
+        if not isinstance(input, torch.Tensor) or input.ndim != 3 or input.shape[-1] != self.cfg.d_model:
+            raise InputError(
+                f"with start_at_layer, input is the residual stream [batch, pos, d_model={self.cfg.d_model}], "
+                f"got {type(input).__name__} {tuple(getattr(input, 'shape', ()))}"
+            )
+        for name, t in (("state", state), ("prelude_out", prelude_out), ("inner_state", inner_state)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != input.shape):
+                raise InputError(f"{name} must be a tensor shaped like input {tuple(input.shape)}, got {tuple(getattr(t, 'shape', ()))}")
+        return RunFrame(layer, x=input, state=state, inner_state=inner_state, prelude_out=prelude_out,
+                        source=prelude_out)
+
+    def _execute(
+        self,
+        tokens: torch.Tensor,
+        *,
+        frame: RunFrame | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        init_state: torch.Tensor | None = None,
+        init_seed: int | None = None,
+        on_block: Callable[[RunFrame], None] | None = None,
+    ) -> RunFrame:
+        """Interpret ``program[start:stop]`` on ``frame`` (a fresh one from the tokens by default)."""
+        frame = RunFrame(0) if frame is None else frame
+        run = Forward(self, tokens, self._rotary(tokens.shape[1], tokens.device), init_state=init_state,
+                      init_seed=init_seed, on_block=on_block)
+        run.run(self.program, frame, start, stop)
+        return frame
 
     # ------------------------------------------------------------------ per-step read-outs
     def step_logits(self, tokens: Any, **forward_kwargs: Any) -> Float[torch.Tensor, "step batch pos d_vocab"]:
@@ -568,101 +754,6 @@ class HookedLoopedTransformer(HookedRootModule):
     def unembed_residual(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
         """Logits from the output of ``ln_final``."""
         return self.unembed(x)
-
-    def _run(
-        self,
-        tokens: torch.Tensor,
-        init_state: torch.Tensor | None,
-        init_seed: int | None,
-        *,
-        resume: RunFrame | None = None,
-        on_block: Callable[[RunFrame], None] | None = None,
-    ) -> torch.Tensor:
-        """Embed, prelude, loop, coda: the residual stream entering ``ln_final``.
-
-        Internal hooks for fast patching sweeps (``tl_loop.patching``): ``on_block(frame)`` is
-        called before every block with the live variables of the pass (a ``RunFrame``, which it
-        may modify in place, e.g. to stack more rows onto the batch); ``resume=frame`` starts the
-        pass at effective layer ``frame.index`` from such a frame: everything before that layer
-        (embedding, earlier blocks, loop boundaries, hooks) is skipped, everything from it on runs
-        exactly as in a full pass. Operations between blocks belong to the boundary before the
-        next block, so they are part of a frame taken there and are not repeated on resume.
-        """
-        cfg = self.cfg
-        rotary = self._rotary(tokens.shape[1], tokens.device)
-        if resume is None:
-            start = -1
-            embedded = self.embed(tokens)
-            frame = RunFrame(0, self.hook_embed(embedded * cfg.embed_scale if cfg.embed_scale != 1.0 else embedded))
-            if self.pos_embed is not None:
-                frame.x = frame.x + self.hook_pos_embed(self.pos_embed(tokens))
-        else:
-            start = resume.index
-            if not 0 <= start < len(self.schedule):
-                raise InputError(f"cannot resume at effective layer {start}: the model runs {len(self.schedule)} layers")
-            frame = dataclasses.replace(resume)  # the caller's frame stays as it was
-        f = frame
-        i = 0
-        for _ in range(cfg.n_prelude_layers):
-            i = self._run_block(i, f, start, rotary, on_block)
-        if i > start:
-            f.prelude_out = f.x
-            f.state = self.initial_state(f.prelude_out, init_state, init_seed)
-            f.inner_state = self._initial_inner_state(f.prelude_out) if cfg.inner_cycles else None
-        for step in self.loops:
-            if i > start:
-                f.state = step.hook_state_in(f.state)
-                f.source = f.prelude_out
-            for cycle in step.inner if cfg.inner_cycles else ():
-                if i > start:
-                    f.inner_state = cycle.hook_state_in(f.inner_state)
-                    f.x = cycle.hook_injected(f.inner_state + f.state)
-                for _ in range(cfg.n_inner_layers):
-                    i = self._run_block(i, f, start, rotary, on_block)
-                if i > start:
-                    f.inner_state = cycle.hook_state_out(cycle.ln_state(f.x) if cfg.inner_norm else f.x)
-                    f.source = f.inner_state
-            if i > start:
-                f.x = self._inject(step, f.state, f.source)
-            for _ in range(cfg.n_core_layers):
-                i = self._run_block(i, f, start, rotary, on_block)
-            if i > start:
-                x = step.ln_state(f.x) if "ln_state" in step._modules else f.x
-                f.state = step.hook_state_out(x)
-                if self.exit_gate is not None and step.step < len(self.loops) - 1:
-                    step.hook_exit_gate(self.exit_gate(f.state))
-        if i > start:
-            state = self.ln_loop_out(f.state) if cfg.norm_after_loop else f.state
-            if self.exit_gate is not None and len(self.loops) and not self._gate_reads_ln_final:
-                self.loops[-1].hook_exit_gate(self.exit_gate(state))
-            f.x = state
-        for _ in range(cfg.n_coda_layers):
-            i = self._run_block(i, f, start, rotary, on_block)
-        assert i == len(self.schedule)
-        return f.x
-
-    def _run_block(
-        self,
-        i: int,
-        f: RunFrame,
-        start: int,
-        rotary: RotaryTables | None,
-        on_block: Callable[[RunFrame], None] | None,
-    ) -> int:
-        """Run effective layer ``i`` on ``f.x`` (unless a resumed pass starts later)."""
-        if i >= start:
-            if on_block is not None:
-                f.index = i
-                on_block(f)
-            f.x = self.blocks[i](f.x, rotary)
-        return i + 1
-
-    def _head(self, resid: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
-        """``ln_final``, the exit gate of the last step where it reads ``ln_final``, unembedding."""
-        normed = self.ln_final(resid)
-        if self.exit_gate is not None and self._gate_reads_ln_final and len(self.loops):
-            self.loops[-1].hook_exit_gate(self.exit_gate(normed))
-        return self.unembed_residual(normed)
 
     def _initial_inner_state(self, like: torch.Tensor) -> torch.Tensor:
         if self.inner_init is None:

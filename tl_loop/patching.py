@@ -117,7 +117,7 @@ def _resolve_depth(model: Any, n_steps: int | None, *caches: tuple[str, Any]) ->
 
 def _schedule(model: Any, depth: int) -> Schedule:
     base = _base_model(model)
-    return base._views_for(depth).schedule
+    return base.views_at(depth).schedule
 
 
 def _resolve_steps(steps: StepsArg, n_steps: int) -> list[int]:
@@ -175,7 +175,7 @@ def _block_suffix(model: Any, activation: str, depth: int, index: int) -> str:
     name = activation.removeprefix(prefix)
     full = block_hook(index, name)  # expands TransformerLens short names ("z" -> "attn.hook_z")
     suffix = full[len(prefix) :] if full.startswith(prefix) else name
-    available = _hook_points(_base_model(model)._views_for(depth).blocks[index])
+    available = _hook_points(_base_model(model).views_at(depth).blocks[index])
     if suffix not in available:
         leaves = {s.rsplit(".", 1)[-1].removeprefix("hook_") for s in available}
         short = sorted(leaf for leaf in leaves if block_hook(index, leaf).removeprefix(prefix) in available)
@@ -197,7 +197,7 @@ def _state_suffix(model: Any, where: str, depth: int, step: int) -> str:
         raise InputError(f"where must be a loop hook name such as 'state_in', got {where!r}")
     head, _, last = where.rpartition(".")
     suffix = (head + "." if head else "") + (last if last.startswith("hook_") else f"hook_{last}")
-    available = _hook_points(_base_model(model)._views_for(depth).loops[step])
+    available = _hook_points(_base_model(model).views_at(depth).loops[step])
     if suffix not in available:
         cfg = _base_model(model).cfg
         extra = ""
@@ -748,7 +748,7 @@ def get_act_patch_resid_pre_batched(
         )
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise InputError(f"batch_size must be a positive int (patched copies per forward pass), got {batch_size!r}")
-    from tl_loop.model import RunFrame
+    from tl_loop.program import RunFrame
 
     with base.steps(depth, force=True), torch.no_grad():
         tokens = base._validate_tokens(corrupted_tokens)
@@ -768,7 +768,8 @@ def get_act_patch_resid_pre_batched(
         store = torch.zeros(n_layers, n_pos, device=getattr(base.cfg, "device", None))
 
         frames: list[RunFrame] = []
-        base._run(tokens, None, None, on_block=lambda f: frames.append(dataclasses.replace(f)))
+        program = base.program
+        base._execute(tokens, on_block=lambda f: frames.append(dataclasses.replace(f)), stop=program.position("final_norm"))
         # A random initial state is drawn for the batch's shape: a pass resumed inside the
         # prelude gets the corrupted batch's draw stacked, as each sequential run draws it.
         n_prelude = base.cfg.n_prelude_layers
@@ -809,8 +810,10 @@ def get_act_patch_resid_pre_batched(
             if first_state is not None and start < n_prelude:  # the pass draws the initial state
                 n = sum(len(ps) for layer, ps in by_layer.items() if layer < n_prelude)
                 init_state = first_state.repeat(n, *([1] * (first_state.ndim - 1)))
-            resid = base._run(tokens, init_state, None, resume=patched_rows(start, by_layer[start]), on_block=join)
-            logits = base._head(resid)
+            logits = base._execute(
+                tokens, frame=patched_rows(start, by_layer[start]), start=program.block_position(start),
+                init_state=init_state, on_block=join,
+            ).x
             # rows are in chunk order: layers in turn, positions within a layer in turn
             for k, (layer, p) in enumerate(chunk):
                 store[layer, p] = _as_scalar(patching_metric(logits[k * batch : (k + 1) * batch]))

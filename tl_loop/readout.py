@@ -16,35 +16,21 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from tl_loop.components.norm import HookedNorm
 from tl_loop.errors import UnsupportedError
 
 
-def _readout_modules(model: Any) -> Any:
-    """Hook-free copies of the views after the loop (never registered, never cached)."""
-    from tl_loop.model import _Views
-
-    if model._readout_views is None:
-        views = _Views(model, 0)
-        cfg = model.cfg
-        object.__setattr__(views, "ln_loop_out", HookedNorm(model._loop_norm_weights, cfg.norm_type, cfg.eps))
-        object.__setattr__(views, "ln_final", HookedNorm(model.final_norm, cfg.norm_type, cfg.eps))
-        object.__setattr__(model, "_readout_views", views)
-    return model._readout_views
-
-
 def read_out(model: Any, states: Float[torch.Tensor, "... pos d_model"]) -> Float[torch.Tensor, "... pos d_vocab"]:
-    """Logits for recurrent states taken at the end of a step (before any loop norm)."""
-    cfg = model.cfg
-    views = _readout_modules(model)
+    """Logits for recurrent states taken at the end of a step (before any loop norm): the
+    program's operations from ``LeaveLoop`` on, run on hook-free modules."""
+    from tl_loop.execution import HookFree
+    from tl_loop.program import RunFrame
+
     lead = states.shape[:-2]
     x = states.reshape(-1, *states.shape[-2:])
-    if cfg.norm_after_loop:
-        x = views.ln_loop_out(x)
-    rotary = model._rotary(x.shape[1], x.device)
-    for block in list(views.blocks)[cfg.n_prelude_layers :]:
-        x = block(x, rotary)
-    return model.unembed_residual(views.ln_final(x)).reshape(*lead, *x.shape[1:-1], -1)
+    program = model.program
+    frame = RunFrame(0, state=x)
+    HookFree(model, model._rotary(x.shape[1], x.device)).run(program, frame, program.position("leave_loop"))
+    return frame.x.reshape(*lead, *x.shape[1:-1], -1)
 
 
 def step_end_hook_names(model: Any) -> list[str]:

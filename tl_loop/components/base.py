@@ -9,6 +9,7 @@ while ``named_modules`` lists every hook point of every effective layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,6 +27,40 @@ class WeightView(nn.Module):
         super().__init__()
         # Bypass nn.Module registration: the weights belong to the model's physical stacks.
         object.__setattr__(self, "weights", weights)
+
+    def bind(self, weights: nn.Module | None) -> None:
+        """Compute with ``weights`` from now on; child views follow the attribute of the same
+        name (``attn`` -> ``weights.attn``). Hook points, and the hooks on them, stay."""
+        object.__setattr__(self, "weights", weights)
+        for name, child in self._modules.items():
+            if isinstance(child, WeightView):
+                child.bind(getattr(weights, name, None) if weights is not None else None)
+
+
+def set_present(module: nn.Module, name: str, present: bool) -> None:
+    """Show or hide the child ``name`` of ``module`` without losing it (or the hooks on it).
+
+    A hidden child is kept in ``module._hidden_children``: it is no sub-module (so no hook name
+    of the model) until shown again. Used for hook points that exist at some depths only.
+    """
+    hidden = module.__dict__.setdefault("_hidden_children", {})
+    if present and name in hidden:
+        module._modules[name] = hidden.pop(name)
+    elif not present and name in module._modules:
+        hidden[name] = module._modules.pop(name)
+
+
+def all_hook_points(module: nn.Module, prefix: str) -> Iterator[tuple[str, HookPoint]]:
+    """Every hook point below ``module``, hidden children included, with its full name."""
+    children = dict(module._modules)
+    children.update(module.__dict__.get("_hidden_children", {}))
+    for name, child in children.items():
+        if child is None:
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, HookPoint):
+            yield full, child
+        yield from all_hook_points(child, full)
 
 
 def has_hooks(hook_point: nn.Module) -> bool:
@@ -63,6 +98,15 @@ class LoopHookPoint(HookPoint):
     ``isinstance(hp, HookPoint)``).
     """
 
+    #: Modules spliced in at this hook point (``model.splice``): each runs on the activation, its
+    #: output replacing it, before any hook sees it. Set by the model, never by hand.
+    splices: tuple[Any, ...] = ()
+
+    def forward(self, x: Any) -> Any:
+        for site in self.splices:
+            x = site(x)
+        return x
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if (
             self._forward_pre_hooks
@@ -77,9 +121,11 @@ class LoopHookPoint(HookPoint):
             return super().__call__(*args, **kwargs)
         x = args[0]
         if not self._forward_hooks:
-            return x
+            return self.forward(x) if self.splices else x
         if self._forward_hooks_with_kwargs or self._forward_hooks_always_called or torch._C._get_tracing_state():
             return super().__call__(*args, **kwargs)
+        if self.splices:
+            x = self.forward(x)
         # Forward hooks only (what TransformerLens attaches): the loop of nn.Module._call_impl,
         # without its per-call closure and hook-list set-up.
         for hook in tuple(self._forward_hooks.values()):
@@ -90,7 +136,7 @@ class LoopHookPoint(HookPoint):
 
     #: Plain attributes TransformerLens reassigns on every hook removal: set them directly
     #: (``nn.Module.__setattr__`` would only check they are no parameter, buffer or module).
-    _PLAIN_ATTRIBUTES = frozenset({"fwd_hooks", "bwd_hooks", "ctx", "name"})
+    _PLAIN_ATTRIBUTES = frozenset({"fwd_hooks", "bwd_hooks", "ctx", "name", "splices"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in LoopHookPoint._PLAIN_ATTRIBUTES and not isinstance(value, (nn.Module, torch.Tensor)):

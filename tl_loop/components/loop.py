@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from tl_loop.components.base import LoopHookPoint
+from tl_loop.components.base import LoopHookPoint, set_present
 from tl_loop.components.norm import HookedNorm, NormWeights
 from tl_loop.config import LoopedConfig
 
@@ -32,9 +32,10 @@ class InnerCycle(nn.Module):
 
 
 class LoopStep(nn.Module):
-    def __init__(
-        self, cfg: LoopedConfig, step: int, n_steps: int, loop_norm: NormWeights | None
-    ) -> None:
+    """The loop-level hook points of step ``step``. The norm between steps exists only while the
+    step is not the last one (``set_last``): it is hidden, hooks and all, at the last step."""
+
+    def __init__(self, cfg: LoopedConfig, step: int, loop_norm: NormWeights | None) -> None:
         super().__init__()
         self.step = step
         self.hook_state_in = LoopHookPoint()  # [batch, pos, d_model]
@@ -42,8 +43,12 @@ class LoopStep(nn.Module):
             self.inner = nn.ModuleList(InnerCycle(cfg) for _ in range(cfg.inner_cycles))
         if cfg.injection != "none" or cfg.inner_cycles:
             self.hook_injected = LoopHookPoint()  # [batch, pos, d_model]
-        if cfg.norm_between_steps and step < n_steps - 1:
+        if cfg.norm_between_steps:
             self.ln_state = HookedNorm(loop_norm, cfg.norm_type, cfg.eps)
         self.hook_state_out = LoopHookPoint()  # [batch, pos, d_model]
         if cfg.exit_gate:
             self.hook_exit_gate = LoopHookPoint()  # [batch, pos, 1]
+
+    def set_last(self, is_last: bool) -> None:
+        """Whether this step is the loop's last (no norm between steps follows it)."""
+        set_present(self, "ln_state", not is_last)
