@@ -263,11 +263,12 @@ LLAMA_JSON = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope type 'yarn'"),
-        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+         "rope_parameters=.*rope_type 'yarn'"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling=.*rope_type 'dynamic'"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"mlp_bias": True}, "mlp_bias"),
-        ({"hidden_act": "quick_gelu"}, "activation 'quick_gelu'"),
+        ({"hidden_act": "quick_gelu"}, "hidden_act='quick_gelu'"),
         ({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 8,
           "scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ],

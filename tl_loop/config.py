@@ -208,4 +208,4 @@ class LoopedConfig(TransformerLensConfig):
         return cls(**values)
 
 
-_ACTIVATIONS = {"silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"}
+from tl_loop.components.activations import ACTIVATIONS as _ACTIVATIONS  # noqa: E402  (the one table)

@@ -49,6 +49,7 @@ from tl_loop.errors import InputError
 from tl_loop.execution import Forward
 from tl_loop.program import Program, RunFrame
 from tl_loop.schedule import Schedule
+from tl_loop.weight_processing import WeightProcessingMixin
 
 ReturnType = Literal["logits", "loss", "both"] | None
 
@@ -71,7 +72,7 @@ class _Views(nn.Module):
             step.set_last(r == n_steps - 1)
 
 
-class HookedLoopedTransformer(HookedRootModule):
+class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
     """A looped (recurrent-depth) transformer with one hook point per effective layer.
 
     Examples:

@@ -14,16 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Float
 
+from tl_loop.components.activations import activation_fn
 from tl_loop.components.base import LoopHookPoint, WeightView, split_projections
 from tl_loop.config import LoopedConfig
-
-ACTIVATIONS = {
-    "silu": F.silu,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
 
 
 class MLPWeights(nn.Module):
@@ -64,7 +57,7 @@ class HookedMLP(WeightView):
     def __init__(self, weights: MLPWeights, cfg: LoopedConfig) -> None:
         super().__init__(weights)
         self.cfg = cfg
-        self.act = ACTIVATIONS[cfg.act_fn]
+        self.act = activation_fn(cfg.act_fn)
         self.hook_pre = LoopHookPoint()  # [batch, pos, d_mlp]
         if cfg.gated_mlp:
             self.hook_pre_linear = LoopHookPoint()  # [batch, pos, d_mlp]

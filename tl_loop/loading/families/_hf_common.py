@@ -1,10 +1,13 @@
-"""Helpers shared by the Hugging Face-layout families written for Ouro and HRM-Text.
+"""Helpers shared by the Hugging Face-layout families (feedforward, Ouro, HRM-Text, raven).
 
 * :func:`require` / :func:`check_config_keys` -- read ``config.json`` strictly: a missing
   required field is an error, a field the family does not know is logged (the fields that
   change the computation are checked explicitly by each family and refused when unsupported).
-* :func:`rope_from_hf` -- RoPE base and scaling from either the transformers 4 fields
-  (``rope_theta``, ``rope_scaling``) or the transformers 5 dict (``rope_parameters``).
+* :func:`check_activation` -- the activation a config names, from the one table in
+  ``tl_loop.components.activations``.
+* :func:`rope_from_hf` -- the one RoPE parser of every loader: base and scaling from either the
+  transformers 4 fields (``rope_theta``, ``rope_scaling``) or the transformers 5 dict
+  (``rope_parameters``).
 * :func:`expected_shapes` -- our parameter shapes for a config (built on the meta device).
 * :func:`check_export_layout` -- refuse to save a model whose layout the family's format
   cannot express (re-reading the exported config must give back the same layout).
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import Any
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 from transformer_lens.config import TransformerLensConfig
 
+from tl_loop.components.activations import ACTIVATIONS, canonical_activation
 from tl_loop.config import LoopedConfig
 from tl_loop.errors import CheckpointError
 
@@ -41,8 +46,15 @@ PASSTHROUGH_KEYS = (
     "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "auto_map", "_name_or_path",
 )
 
-#: RoPE variants ``tl_loop.components.rotary`` computes exactly.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+#: RoPE variants ``tl_loop.components.rotary`` computes exactly -> the fields each needs.
+ROPE_TYPE_FIELDS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+SUPPORTED_ROPE_TYPES = tuple(ROPE_TYPE_FIELDS)
+#: RoPE fields that must be 1 where given (we rotate whole heads and never rescale attention).
+_ROPE_MUST_BE_ONE = ("partial_rotary_factor", "attention_factor")
 
 #: Config fields that are bookkeeping, not layout (ignored when checking an export).
 _NOT_LAYOUT = {"family", "model_name", "extra", "max_steps", "n_layers", "device", "dtype"}
@@ -70,64 +82,84 @@ def passthrough_metadata(config_json: Mapping[str, Any]) -> dict[str, Any]:
     return {k: config_json[k] for k in PASSTHROUGH_KEYS if k in config_json}
 
 
-def check_activation(config_json: Mapping[str, Any], family: str) -> str:
-    """``hidden_act`` when it is one our MLP computes (names as in ``transformers.ACT2FN``)."""
-    from tl_loop.config import _ACTIVATIONS
-
-    act = config_json.get("hidden_act", "silu")
-    if act not in _ACTIVATIONS:
+def check_activation(
+    config_json: Mapping[str, Any], family: str, key: str = "hidden_act", default: str = "silu"
+) -> str:
+    """Canonical name of the activation ``config_json[key]`` names (see ``components.activations``)."""
+    act = config_json.get(key, default)
+    if act not in ACTIVATIONS:
         raise CheckpointError(
-            f"{family} config.json: hidden_act={act!r} is not supported (supported: {sorted(_ACTIVATIONS)})"
+            f"{family} config.json: {key}={act!r} is not a supported activation "
+            f"(supported: {sorted(ACTIVATIONS)})"
         )
-    return act
+    return canonical_activation(act)
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def rope_from_hf(
-    config_json: Mapping[str, Any], family: str, default_theta: float = 10000.0
+    config_json: Mapping[str, Any], family: str, default_theta: float | None = 10000.0
 ) -> tuple[float, dict[str, Any] | None]:
-    """``(rotary_base, rope_scaling)`` from ``rope_parameters`` or ``rope_theta``/``rope_scaling``.
+    """``(rotary_base, rope_scaling or None)`` from an HF config.json, old or new style.
 
-    Raises ``CheckpointError`` naming the field for RoPE variants we cannot compute exactly.
+    transformers 5 writes one ``rope_parameters`` dict (``rope_type``, ``rope_theta`` and the
+    scaling fields); older configs have ``rope_theta`` and ``rope_scaling``. As in transformers,
+    ``rope_parameters`` wins when both are given. ``default_theta=None`` makes ``rope_theta``
+    required. The scaling dict returned has ``rope_type`` and the scaling fields only. Anything
+    ``components.rotary`` cannot compute exactly raises ``CheckpointError`` naming the field.
     """
+    where = f"{family} config.json"
     params = config_json.get("rope_parameters")
-    if params is not None:
-        field_name = "rope_parameters"
-        if not isinstance(params, Mapping) or not ({"rope_type", "type", "rope_theta"} & set(params)):
+    if params is not None and params != {}:
+        field_name, rope = "rope_parameters", params
+        if isinstance(params, Mapping) and all(isinstance(v, Mapping) for v in params.values()):
             raise CheckpointError(
-                f"{family} config.json: rope_parameters={params!r} is not supported (per-layer-type RoPE "
-                "or an unknown format)"
+                f"{where}: rope_parameters={params!r} gives RoPE per layer type, which tl_loop does not "
+                "support"
             )
-        theta = float(params.get("rope_theta", config_json.get("rope_theta", default_theta)))
-        scaling: dict[str, Any] | None = dict(params)
     else:
-        field_name = "rope_scaling"
-        theta = float(config_json.get("rope_theta", default_theta))
-        scaling = dict(config_json["rope_scaling"]) if config_json.get("rope_scaling") is not None else None
-    if scaling is None:
-        return theta, None
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+        field_name, rope = "rope_scaling", config_json.get("rope_scaling")
+        rope = {} if rope is None else rope
+    if not isinstance(rope, Mapping):
+        raise CheckpointError(f"{where}: {field_name}={rope!r} must be a dict or null")
+
+    def name(key: str) -> str:  # where ``key`` was read from
+        return f"{field_name}.{key}" if key in rope else key
+
+    theta = rope.get("rope_theta", config_json.get("rope_theta", default_theta))
+    if theta is None:
+        raise CheckpointError(f"{where} lacks the required field 'rope_theta'")
+    if not _is_positive_number(theta):
+        raise CheckpointError(f"{where}: {name('rope_theta')}={theta!r} must be a positive number")
+    if set(rope) - {"rope_theta"} and not {"rope_type", "type"} & set(rope):
+        raise CheckpointError(f"{where}: {field_name}={dict(rope)!r} names no rope_type")
+    if rope.get("type", rope.get("rope_type")) != rope.get("rope_type", rope.get("type")):
+        raise CheckpointError(f"{where}: {field_name}={dict(rope)!r}: its rope_type and type disagree")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPE_FIELDS:
         raise CheckpointError(
-            f"{family} config.json: {field_name} has rope_type {rope_type!r}, which tl_loop does not support "
-            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            f"{where}: {field_name}={dict(rope)!r} has rope_type {rope_type!r}, which tl_loop does not "
+            f"support (supported: {', '.join(ROPE_TYPE_FIELDS)})"
         )
-    partial = scaling.get("partial_rotary_factor", config_json.get("partial_rotary_factor"))
-    if partial is not None and float(partial) != 1.0:
-        raise CheckpointError(
-            f"{family} config.json: partial_rotary_factor={partial} is not supported (only full-width RoPE)"
-        )
-    if rope_type == "default":
-        return theta, None
-    needed = ("factor",) if rope_type == "linear" else (
-        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in needed if k not in scaling]
+    for key in _ROPE_MUST_BE_ONE:
+        value = rope.get(key, config_json.get(key))
+        if value is not None and value != 1:
+            raise CheckpointError(
+                f"{where}: {name(key)}={value!r} is not supported (tl_loop needs 1: full-width RoPE, "
+                "unscaled attention)"
+            )
+    missing = [k for k in ROPE_TYPE_FIELDS[rope_type] if k not in rope]
     if missing:
-        raise CheckpointError(f"{family} config.json: {field_name} ({rope_type}) lacks {missing}")
-    scaling.pop("rope_theta", None)
-    scaling.pop("partial_rotary_factor", None)
-    scaling["rope_type"] = rope_type
-    scaling.pop("type", None)
-    return theta, scaling
+        raise CheckpointError(f"{where}: {field_name}={dict(rope)!r} ({rope_type}) lacks {missing}")
+    for key in ROPE_TYPE_FIELDS[rope_type]:
+        if not _is_positive_number(rope[key]):
+            raise CheckpointError(f"{where}: {field_name}.{key}={rope[key]!r} must be a positive number")
+    if rope_type == "default":
+        return float(theta), None
+    dropped = {"rope_type", "type", "rope_theta", *_ROPE_MUST_BE_ONE}
+    return float(theta), {"rope_type": rope_type, **{k: v for k, v in rope.items() if k not in dropped}}
 
 
 def rope_to_hf_parameters(cfg: LoopedConfig) -> dict[str, Any]:
@@ -156,6 +188,11 @@ def _layout_fields() -> list[str]:
     return [name for name in tl_used + ours if name not in _NOT_LAYOUT]
 
 
+def _layout_value(cfg: LoopedConfig, name: str) -> Any:
+    value = getattr(cfg, name)
+    return canonical_activation(value) if name == "act_fn" else value  # aliases compute the same
+
+
 def check_export_layout(cfg: LoopedConfig, rebuilt: LoopedConfig, family: str) -> None:
     """Raise unless ``rebuilt`` (the exported config read back) has the same layout as ``cfg``."""
     skip = set()
@@ -164,7 +201,7 @@ def check_export_layout(cfg: LoopedConfig, rebuilt: LoopedConfig, family: str) -
     diffs = [
         f"{name}: model has {getattr(cfg, name)!r}, the {family} format gives {getattr(rebuilt, name)!r}"
         for name in _layout_fields()
-        if name not in skip and getattr(cfg, name) != getattr(rebuilt, name)
+        if name not in skip and _layout_value(cfg, name) != _layout_value(rebuilt, name)
     ]
     if diffs:
         raise CheckpointError(

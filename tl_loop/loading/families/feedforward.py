@@ -38,6 +38,7 @@ import torch
 
 from tl_loop.config import LoopedConfig
 from tl_loop.errors import CheckpointError, InputError
+from tl_loop.loading.families._hf_common import check_activation, rope_from_hf
 from tl_loop.loading.registry import Family, register_family
 from tl_loop.loading.strict import StrictTensors
 
@@ -53,19 +54,6 @@ METADATA_KEY = "tl_loop"
 LOOP_OPTIONS = (
     "injection", "state_init", "state_init_std", "state_init_scale", "state_init_seed", "max_steps",
 )
-
-_ACT = {
-    "silu": "silu",
-    "swish": "silu",
-    "gelu": "gelu",
-    "gelu_new": "gelu_new",
-    "gelu_pytorch_tanh": "gelu_pytorch_tanh",
-    "gelu_fast": "gelu_new",
-    "relu": "relu",
-}
-_ACT_BACK = {"silu": "silu", "gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_pytorch_tanh",
-             "relu": "relu"}
-
 
 # ---------------------------------------------------------------------------------------- layout
 def parse_layout(layout: Any, n_layers: int) -> tuple[int, int, int]:
@@ -178,38 +166,6 @@ def _need(config_json: Mapping[str, Any], *keys: str) -> Any:
     raise CheckpointError(f"config.json lacks {' / '.join(keys)}")
 
 
-def _rope(config_json: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """``(rope_theta, rope_scaling or None)`` from old (``rope_theta``, ``rope_scaling``) or new
-    (``rope_parameters``) HF configs."""
-    params = config_json.get("rope_parameters")
-    if isinstance(params, Mapping) and params and all(isinstance(v, Mapping) for v in params.values()):
-        raise CheckpointError("per-layer-type rope_parameters are not supported")
-    if isinstance(params, Mapping) and params:
-        theta = params.get("rope_theta", config_json.get("rope_theta", 10000.0))
-        scaling: Mapping[str, Any] | None = params
-    else:
-        theta = config_json.get("rope_theta", 10000.0)
-        scaling = config_json.get("rope_scaling")
-    scaling = scaling or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
-        raise CheckpointError(
-            f"rope type {rope_type!r} is not supported (supported: default, linear, llama3)"
-        )
-    for key in ("partial_rotary_factor", "attention_factor"):
-        if float(scaling.get(key, config_json.get(key)) or 1.0) != 1.0:
-            raise CheckpointError(f"rope {key}={scaling.get(key, config_json.get(key))} is not supported")
-    if rope_type == "default":
-        return float(theta), None
-    return float(theta), {k: v for k, v in scaling.items() if k != "rope_theta"}
-
-
-def _act(name: str) -> str:
-    if name not in _ACT:
-        raise CheckpointError(f"activation {name!r} is not supported (supported: {sorted(_ACT)})")
-    return _ACT[name]
-
-
 def to_config(config_json: Mapping[str, Any], tensor_names: set[str], **options: Any) -> LoopedConfig:
     """``LoopedConfig`` of a feedforward checkpoint cut by ``layout`` (see the module docstring)."""
     model_type = config_json.get("model_type")
@@ -260,7 +216,7 @@ def _llama_fields(cj: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     d_head = int(cj.get("head_dim") or d_model // n_heads)
     if cj.get("mlp_bias"):
         raise CheckpointError("mlp_bias=True (biases on a gated MLP) is not supported")
-    theta, scaling = _rope(cj)
+    theta, scaling = rope_from_hf(cj, model_type)
     n_ctx = int(cj.get("max_position_embeddings") or 2048)
     window = cj.get("sliding_window")
     sliding_layers = "sliding_attention" in (cj.get("layer_types") or [])
@@ -284,7 +240,7 @@ def _llama_fields(cj: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         positional_embedding_type="rotary",
         norm_type="RMS",
         eps=float(cj.get("rms_norm_eps", 1e-6)),
-        act_fn=_act(cj.get("hidden_act", "silu")),
+        act_fn=check_activation(cj, model_type),
         gated_mlp=True,
         qkv_layout="split",
         mlp_layout="split",
@@ -323,7 +279,7 @@ def _gpt2_fields(cj: Mapping[str, Any]) -> dict[str, Any]:
         positional_embedding_type="standard",
         norm_type="LN",
         eps=float(cj.get("layer_norm_epsilon", 1e-5)),
-        act_fn=_act(cj.get("activation_function", "gelu_new")),
+        act_fn=check_activation(cj, "gpt2", key="activation_function", default="gelu_new"),
         gated_mlp=False,
         mlp_bias=True,
         qkv_layout="fused",

@@ -13,7 +13,8 @@ block flavour       checkpoint norm -> our slot                                 
 (family huginn)     ln_resid_post; qk_bias; interleaved RoPE from ``rope_base``;
                     ln_f also between loop and coda; embed scale
 ``llama``           norm_1 ln1, norm_2 ln2 (pre-norm); GQA; rotate-half RoPE    two norms per block
-(retrofitted)       from ``rope_theta`` + ``rope_scaling``; no ln_f after loop;
+(retrofitted)       from ``rope_theta`` + ``rope_scaling`` (or ``rope_parameters``,
+                    read by ``_hf_common.rope_from_hf``); no ln_f after loop;
                     untied head; embed scale 1
 ``olmo``            norm_1 ln1_post, norm_2 ln2_post (output norms);            ``attn.q_norm``,
 (retrofitted)       full-width q/k norm; RoPE rotation in float32               ``attn.k_norm``
@@ -48,6 +49,7 @@ from jaxtyping import Float
 from tl_loop.components.rotary import rotary_cos_sin, rotary_inv_freq
 from tl_loop.config import DEFAULT_MAX_STEPS, LoopedConfig
 from tl_loop.errors import CheckpointError, InputError
+from tl_loop.loading.families._hf_common import rope_from_hf
 from tl_loop.loading.registry import Family, register_family
 from tl_loop.loading.strict import StrictTensors
 
@@ -86,7 +88,7 @@ CONSUMED = {
 }
 #: RoPE / context fields each family reads (the other family's are informational leftovers).
 ROPE_FIELDS = {"huginn": {"block_size", "rope_base"},
-               "retrofitted": {"max_position_embeddings", "rope_theta", "rope_scaling"}}
+               "retrofitted": {"max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters"}}
 
 #: ``LoopedConfig`` values shared by every raven checkpoint.
 COMMON_LAYOUT: dict[str, Any] = dict(
@@ -204,18 +206,6 @@ def _init_values(raw: Mapping[str, Any], d_model: int) -> tuple[float, float]:
     return float(std), float(scale)
 
 
-def _check_rope_scaling(scaling: Any, head_dim: int) -> dict[str, Any] | None:
-    if scaling is None:
-        return None
-    if not isinstance(scaling, Mapping):
-        raise CheckpointError(f"config.json field 'rope_scaling' must be a dict or null, got {scaling!r}")
-    try:
-        rotary_inv_freq(head_dim, 10000.0, dict(scaling))
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"config.json field 'rope_scaling' cannot be honoured: {e!r}") from e
-    return dict(scaling)
-
-
 def _to_config(
     family: str, config_json: Mapping[str, Any], tensor_names: set[str], **options: Any
 ) -> LoopedConfig:
@@ -288,24 +278,21 @@ def _to_config(
                 f"config.json field 'head_dim' = {d_head}: Huginn blocks need n_embd / n_heads = "
                 f"{d_model // n_heads}"
             )
-        if raw.get("rope_scaling") is not None:
-            logger.warning("ignoring rope_scaling in a Huginn config: the reference uses rope_base only")
+        for name in ("rope_scaling", "rope_parameters"):
+            if raw.get(name) is not None:
+                logger.warning("ignoring %s in a Huginn config: the reference uses rope_base only", name)
         values.update(qk_bias=_value(raw, bool, "qk_bias"), n_ctx=_value(raw, int, "block_size"),
                       rotary_base=_value(raw, float, "rope_base"))
     else:
         if raw.get("qk_bias", False):
             raise CheckpointError("config.json field 'qk_bias' = true: retrofitted blocks have no q/k bias")
-        if "rope_theta" not in raw:
-            raise CheckpointError(
-                "config.json has no 'rope_theta' (retrofitted models take RoPE from it, not rope_base)"
-            )
         if "max_position_embeddings" not in raw:
             raise CheckpointError(
                 "config.json has no 'max_position_embeddings' (the context of a retrofitted model)"
             )
-        values.update(n_ctx=_value(raw, int, "max_position_embeddings"),
-                      rotary_base=_value(raw, float, "rope_theta"),
-                      rope_scaling=_check_rope_scaling(raw.get("rope_scaling"), d_head))
+        rotary_base, rope_scaling = rope_from_hf(raw, family, default_theta=None)  # not rope_base
+        values.update(n_ctx=_value(raw, int, "max_position_embeddings"), rotary_base=rotary_base,
+                      rope_scaling=rope_scaling)
     informational = {k: v for k, v in raw.items() if k not in CONSUMED | ROPE_FIELDS[family]}
     # kept for save_pretrained: the true vocabulary size and init_values' unused entries (out_proj, ...)
     informational.update({k: raw[k] for k in ("vocab_size", "init_values") if k in raw})
