@@ -49,6 +49,7 @@ from tl_loop.errors import InputError
 from tl_loop.execution import Forward
 from tl_loop.program import Program, RunFrame
 from tl_loop.schedule import Schedule
+from tl_loop.splice import attach_splices, check_splice, detached_site_points
 from tl_loop.weight_processing import WeightProcessingMixin
 
 ReturnType = Literal["logits", "loss", "both"] | None
@@ -132,9 +133,11 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         self._block_bound: list[str] = []  # the physical block each pooled view computes with
         self._loop_pool: list[LoopStep] = []
         self._hidden_hook_points: list[tuple[str, nn.Module]] = []
+        self._hidden_hooked: list[tuple[str, nn.Module]] = []
         self._detached: tuple[int, _Views] | None = None
         self._hook_free: dict[str, nn.Module] | None = None
         self._splices: list[Any] = []
+        self._removed_splices: list[Any] = []  # unspliced, their sites still to take off their hosts
         self._rotary_cache: dict[tuple[int, str, torch.dtype], RotaryTables] = {}
         self._install_views(cfg.n_steps)
         if init_weights:
@@ -177,18 +180,17 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         self.program, self.schedule = program, program.schedule
         cfg.n_steps = n_steps
         cfg.n_layers = cfg.effective_depth(n_steps)
-        from tl_loop.splice import attach_splices
-
         attach_splices(self)
         self.setup()
         self._hidden_hook_points = [(n, hp) for n, hp in self._pooled_hook_points() if n not in self.hook_dict]
+        # No hook can be added to a hidden point (add_hook and hooks() look names up at this
+        # depth), so only those hooked when hidden can be stale: the forward pass checks those.
+        self._hidden_hooked = [(n, hp) for n, hp in self._hidden_hook_points if has_hooks(hp)]
 
     def _pooled_hook_points(self) -> list[tuple[str, nn.Module]]:
         """Every hook point of every pooled view, shown or hidden, with its name."""
         points = [p for i, b in enumerate(self._block_pool) for p in all_hook_points(b, f"blocks.{i}")]
         points += [p for r, step in enumerate(self._loop_pool) for p in all_hook_points(step, f"loops.{r}")]
-        from tl_loop.splice import detached_site_points
-
         return points + detached_site_points(self)
 
     def _rebind_weights(self) -> None:
@@ -215,8 +217,8 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         return self._detached[1]
 
     def _hook_free_modules(self) -> dict[str, nn.Module]:
-        """Hook-free views of every physical block and of the loop / final norms (never
-        registered, never cached): what per-step read-outs run."""
+        """Hook-free views of every physical block and of the loop / final norms (built once,
+        never registered, so no hook fires on them): what per-step read-outs run."""
         if self._hook_free is None:
             cfg = self.cfg
             modules: dict[str, nn.Module] = {
@@ -271,9 +273,9 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         return [*self.hook_dict.values(), *(hp for _, hp in self._hidden_hook_points)]
 
     def _check_no_hidden_hooks(self) -> None:
-        if not self._hidden_hook_points:
+        if not self._hidden_hooked:
             return
-        stale = [name for name, hp in self._hidden_hook_points if has_hooks(hp)]
+        stale = [name for name, hp in self._hidden_hooked if has_hooks(hp)]
         if stale:
             raise InputError(
                 f"hooks are attached to {stale[:3]}{' and more' if len(stale) > 3 else ''}, which do not exist "
@@ -321,8 +323,6 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         (``blocks.5.hook_resid_post.hook_sae_acts_post``), cached, patchable and kept across
         depth changes. See ``tl_loop.splice``.
         """
-        from tl_loop.splice import check_splice
-
         self._splices.append(check_splice(self, hook, module, layer_in_cycle))
         self._install_views(self.cfg.n_steps)
 
@@ -332,7 +332,7 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         if not matches and (hook is not None or module is not None):
             raise InputError(f"unsplice: no module is spliced at {hook!r}" + (f" as {type(module).__name__}" if module is not None else ""))
         self._splices = [s for s in self._splices if s not in matches]
-        self._removed_splices = [*getattr(self, "_removed_splices", []), *matches]
+        self._removed_splices += matches
         self._install_views(self.cfg.n_steps)
 
     @property
@@ -649,8 +649,9 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
             frame = RunFrame(0)
             start = 0
         else:
-            start = program.block_position(self._layer_arg(start_at_layer, "start_at_layer", allow_end=False))
-            frame = self._start_frame(input, start_at_layer, state, prelude_out, inner_state)
+            first = self._layer_arg(start_at_layer, "start_at_layer", allow_end=False)
+            start = program.block_position(first)
+            frame = self._start_frame(input, first, state, prelude_out, inner_state)
             if tokens is not None:
                 tokens = self._validate_tokens(tokens)
         stop = None
@@ -658,11 +659,8 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
             stop = program.block_position(self._layer_arg(stop_at_layer, "stop_at_layer", allow_end=True))
             if stop < start:
                 raise InputError(f"stop_at_layer={stop_at_layer} comes before start_at_layer={start_at_layer}")
-        x = frame.x if frame.x is not None else tokens
-        assert x is not None
-        run = Forward(self, tokens, self._rotary(x.shape[1], x.device), init_state=init_state, init_seed=init_seed,
+        self._execute(tokens, frame=frame, start=start, stop=stop, init_state=init_state, init_seed=init_seed,
                       started_at=start_at_layer)
-        run.run(program, frame, start, stop)
         if stop is not None:
             return frame.x
         logits = frame.x
@@ -716,7 +714,7 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
 
     def _execute(
         self,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | None,
         *,
         frame: RunFrame | None = None,
         start: int = 0,
@@ -724,11 +722,15 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         init_state: torch.Tensor | None = None,
         init_seed: int | None = None,
         on_block: Callable[[RunFrame], None] | None = None,
+        started_at: int | None = None,
     ) -> RunFrame:
-        """Interpret ``program[start:stop]`` on ``frame`` (a fresh one from the tokens by default)."""
+        """Interpret ``program[start:stop]`` on ``frame`` (a fresh one from the tokens by default;
+        a frame that carries its stream may come without tokens)."""
         frame = RunFrame(0) if frame is None else frame
-        run = Forward(self, tokens, self._rotary(tokens.shape[1], tokens.device), init_state=init_state,
-                      init_seed=init_seed, on_block=on_block)
+        x = frame.x if frame.x is not None else tokens
+        assert x is not None, "a pass needs tokens or a stream"
+        run = Forward(self, tokens, self._rotary(x.shape[1], x.device), init_state=init_state,
+                      init_seed=init_seed, on_block=on_block, started_at=started_at)
         run.run(self.program, frame, start, stop)
         return frame
 

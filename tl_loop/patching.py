@@ -46,6 +46,7 @@ from transformer_lens.hook_points import HookPoint
 from tl_loop.cache import ModelAtSteps
 from tl_loop.errors import InputError
 from tl_loop.hook_names import block_hook
+from tl_loop.program import RunFrame
 from tl_loop.schedule import Schedule
 
 __all__ = [
@@ -748,8 +749,6 @@ def get_act_patch_resid_pre_batched(
         )
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise InputError(f"batch_size must be a positive int (patched copies per forward pass), got {batch_size!r}")
-    from tl_loop.program import RunFrame
-
     with base.steps(depth, force=True), torch.no_grad():
         tokens = base._validate_tokens(corrupted_tokens)
         batch, n_pos = int(tokens.shape[0]), int(tokens.shape[1])

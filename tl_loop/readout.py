@@ -17,14 +17,13 @@ import torch
 from jaxtyping import Float
 
 from tl_loop.errors import UnsupportedError
+from tl_loop.execution import HookFree
+from tl_loop.program import RunFrame
 
 
 def read_out(model: Any, states: Float[torch.Tensor, "... pos d_model"]) -> Float[torch.Tensor, "... pos d_vocab"]:
     """Logits for recurrent states taken at the end of a step (before any loop norm): the
     program's operations from ``LeaveLoop`` on, run on hook-free modules."""
-    from tl_loop.execution import HookFree
-    from tl_loop.program import RunFrame
-
     lead = states.shape[:-2]
     x = states.reshape(-1, *states.shape[-2:])
     program = model.program

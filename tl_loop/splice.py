@@ -99,23 +99,22 @@ class SpliceSite:
         return out
 
 
-def _suffixes(module: nn.Module) -> set[str]:
-    return {name for name, _ in all_hook_points(module, "")}
+def _suffixes(pool: list[nn.Module]) -> set[str]:
+    """Hook names below the first view of a pool (every view of a pool has the same)."""
+    return {name for name, _ in all_hook_points(pool[0], "")} if pool else set()
 
 
 def host_names(model: Any, splice: Splice) -> list[str]:
     """The hook names the splice runs at, at the model's current depth."""
     hook, layer_in_cycle = splice.hook, splice.layer_in_cycle
-    block_suffixes = set().union(*(_suffixes(b) for b in model._block_pool[:1])) if model._block_pool else set()
-    loop_suffixes = set().union(*(_suffixes(s) for s in model._loop_pool[:1])) if model._loop_pool else set()
-    if hook in block_suffixes:
+    if hook in _suffixes(model._block_pool):
         schedule = model.schedule
         if layer_in_cycle is None:
             indices = range(len(schedule))
         else:
             indices = schedule.loop_indices(layer_in_cycle) if schedule.n_steps else []
         names = [f"blocks.{i}.{hook}" for i in indices]
-    elif hook in loop_suffixes:
+    elif hook in _suffixes(model._loop_pool):
         names = [f"loops.{r}.{hook}" for r in range(model.cfg.n_steps)]
     else:
         names = [hook]
@@ -135,8 +134,7 @@ def check_splice(model: Any, hook: str, module: Any, layer_in_cycle: int | None)
         raise InputError(f"splice needs an nn.Module, got {type(module).__name__}")
     if not isinstance(hook, str):
         raise InputError(f"splice's hook must be a hook name or suffix (a str), got {hook!r}")
-    block_suffixes = _suffixes(model._block_pool[0]) if model._block_pool else set()
-    loop_suffixes = _suffixes(model._loop_pool[0]) if model._loop_pool else set()
+    block_suffixes, loop_suffixes = _suffixes(model._block_pool), _suffixes(model._loop_pool)
     known = hook in block_suffixes or hook in loop_suffixes or isinstance(_lookup(model, hook), HookPoint)
     if not known:
         import difflib
@@ -181,7 +179,7 @@ def attach_splices(model: Any) -> None:
     """Put every splice's sites on the host hook points of the model's current depth and take
     them off the visible hosts it no longer runs at (hosts hidden with a deeper layer keep
     theirs). Called whenever the depth or the splices change."""
-    for splice in getattr(model, "_removed_splices", []):
+    for splice in model._removed_splices:
         for host, site in splice.sites.values():
             _detach(host, site)
         splice.remove()
