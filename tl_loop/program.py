@@ -172,7 +172,7 @@ class Program(Sequence[Op]):
         blocks(cfg.n_prelude_layers)
         ops.append(EnterLoop())
         injection = "add" if cfg.inner_cycles else cfg.injection
-        gate_after_final = cfg.n_coda_layers == 0 and not cfg.norm_after_loop
+        gate_after_final = last_gate_reads_final_norm(cfg)
         for r in range(n):
             ops.append(StateIn(r))
             for c in range(cfg.inner_cycles):
@@ -222,6 +222,13 @@ class Program(Sequence[Op]):
     def position(self, kind: str) -> int:
         """Position of the first operation of ``kind``."""
         return self._kind_pos[kind]
+
+
+def last_gate_reads_final_norm(cfg: LoopedConfig) -> bool:
+    """Where the last step's exit gate reads ``ln_final``'s output (``ExitGate`` after
+    ``FinalNorm``): when nothing sits between the loop and ``ln_final`` (Ouro, whose final norm
+    *is* the last step's state norm). Elsewhere it reads the stream leaving the loop."""
+    return cfg.n_coda_layers == 0 and not cfg.norm_after_loop
 
 
 # ---------------------------------------------------------------------------- interpreters

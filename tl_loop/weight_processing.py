@@ -36,10 +36,10 @@ from tl_loop.components.block import BlockWeights, HookedBlock
 from tl_loop.components.embed import Unembedding
 from tl_loop.components.norm import NormWeights
 from tl_loop.errors import UnsupportedError
+from tl_loop.program import last_gate_reads_final_norm
 
 log = logging.getLogger(__name__)
 
-_STAGES = ("prelude", "inner", "core", "coda")
 _PRE_SLOTS = ("ln1", "ln2")
 _OUTPUT_SLOTS = ("ln1_post", "ln2_post")
 _RESID_SLOTS = ("ln_resid_mid", "ln_resid_post")
@@ -111,7 +111,7 @@ class WeightProcessingMixin:
     # ------------------------------------------------------------------ physical weights
     def _physical_blocks(self) -> list[tuple[str, BlockWeights]]:
         """``(name, BlockWeights)`` of every physical block, each once (``"core.1"``, ...)."""
-        return [(f"{stage}.{j}", blk) for stage in _STAGES for j, blk in enumerate(getattr(self, stage))]
+        return [(f"{stage}.{j}", blk) for stage, stack in self._stacks().items() for j, blk in enumerate(stack)]  # type: ignore[attr-defined]
 
     def _block_norms(self, slots: tuple[str, ...]) -> list[NormWeights]:
         norms = (getattr(blk, s, None) for _, blk in self._physical_blocks() for s in slots)
@@ -119,8 +119,8 @@ class WeightProcessingMixin:
 
     @property
     def _last_gate_reads_ln_final(self) -> bool:
-        """Where the last step's exit gate reads ``ln_final``'s output (see ``tl_loop.program``)."""
-        return self.cfg.n_coda_layers == 0 and not self.cfg.norm_after_loop
+        """Where the last step's exit gate reads ``ln_final``'s output (the program's rule)."""
+        return last_gate_reads_final_norm(self.cfg)
 
     # ------------------------------------------------------------------ stacked weights
     def _stack(self, get: Callable[[HookedBlock], torch.Tensor]) -> torch.Tensor:
@@ -350,14 +350,7 @@ class WeightProcessingMixin:
 
     def _after_structural_change(self) -> None:
         """Re-read the views' weights from the physical stacks (norm modules replaced by None)."""
-        rebind = getattr(self, "_rebind_weights", None)
-        if callable(rebind):
-            rebind()
-            return
-        stacks = {stage: getattr(self, stage) for stage in _STAGES}  # older models: bind by hand
-        for layer, view in zip(self.schedule, self.blocks):
-            view.bind(stacks[layer.stage][layer.layer_in_stack])
-        self.ln_final.bind(self.final_norm)  # type: ignore[attr-defined]
+        self._rebind_weights()  # type: ignore[attr-defined]
 
     def _refresh_norm_config(self) -> None:
         """``cfg.normalization_type`` says LNPre / RMSPre once ln1, ln2 and ln_final are
