@@ -132,6 +132,57 @@ def test_edge_tools_refuse_layouts_that_are_not_a_sum_of_writers(which, embedded
     assert tl_tools.additive_residual_obstruction(make_model("plain")) is None
 
 
+def test_edge_attribution_on_a_layout_that_is_a_sum_of_writers():
+    """On a plain loop (no norm between steps, no injection) edges are exact: an edge score is the
+    writer's clean - corrupt output at the reader's gradient, edges add up to node scores, and
+    faithfulness of the empty circuit is the corrupted run (0 recovered)."""
+    model = make_model("plain").eval()
+    clean = torch.arange(1, 7)[None]
+    corrupt = clean.clone()
+    corrupt[0, 0] = 40
+
+    def metric(logits):
+        return logits[0, -1, A] - logits[0, -1, B]
+
+    edges = tl_tools.attribution_patch(model, clean, corrupt, metric, EdgeAttributionConfig("edge"))
+    nodes = tl_tools.attribution_patch(model, clean, corrupt, metric)
+    for node, value in nodes.node_scores.items():
+        assert edges.node_scores[node] == pytest.approx(value, rel=1e-4, abs=1e-6), node
+    # One edge by hand: the MLP of step 0 into the MLP of step 2 (same physical weights), last position.
+    sched, p = model.schedule, clean.shape[1] - 1
+    i, k = sched.index(0, 1), sched.index(2, 1)
+    writer, reader = f"blocks.{i}.hook_mlp_out", f"blocks.{k}.hook_mlp_in"
+    model.set_use_hook_mlp_in(True)
+    try:
+        _, clean_cache = model.run_with_cache(clean, names_filter=writer)
+        acts = {}
+
+        def keep(x, hook):  # a copy: the hook point's input also feeds the residual skip
+            x = x.clone()
+            x.retain_grad()
+            acts[hook.name] = x
+            return x
+
+        with torch.enable_grad():
+            metric(model.run_with_hooks(corrupt, fwd_hooks=[(writer, keep), (reader, keep)])).backward()
+    finally:
+        model.set_use_hook_mlp_in(False)
+    expected = float(((clean_cache[writer] - acts[writer].detach())[0, p] * acts[reader].grad[0, p]).sum())
+    assert edges.edge_scores[(Node("mlp_out", p, i), Node("mlp_in", p, k))] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert tl_tools.faithfulness(model, clean, corrupt, metric, []).recovered == pytest.approx(0.0, abs=1e-5)
+
+
+def test_why_faithfulness_is_refused_on_looped_norms():
+    """Unchecked, TransformerLens's faithfulness of the *empty* circuit on a Huginn-like layout is
+    not the corrupted run: its sum-of-writers rebuild is not the model."""
+    model = make_model("huginn_like").eval()
+    clean = torch.arange(1, 7)[None]
+    corrupt = clean.clone()
+    corrupt[0, 0] = 40
+    unchecked = TA.faithfulness(model, clean, corrupt, lambda x: x[0, -1, A] - x[0, -1, B], [])
+    assert abs(unchecked.recovered) > 0.1
+
+
 # ---------------------------------------------------------------- direct logit attribution
 @pytest.mark.parametrize("which", ["random huginn_like", "embedded"])
 def test_direct_logit_attribution_sums_to_the_logit_difference(which, embedded, problems):
