@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from conftest import make_model
 from transformer_lens.hook_points import HookPoint
 
+from tl_loop._tl_compat import TL_MAJOR
+
 from tl_loop.components.attention import causal_mask_bias
 from tl_loop.components.base import LoopHookPoint
 from tl_loop.components.rotary import apply_rotary, apply_rotary_tables, rotary_cos_sin, rotary_inv_freq, rotary_tables
@@ -51,7 +53,8 @@ def test_every_kind_of_hook_still_fires():
     finally:
         g.remove()
     assert seen == ["global"]
-    assert hp(x) is x and handle is not None
+    assert hp(x) is x
+    assert handle is not None or TL_MAJOR < 4  # HookPoint.add_hook returns its handle from TransformerLens 4
 
 
 def test_backward_hooks_fire_through_the_model():
