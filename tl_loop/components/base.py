@@ -93,7 +93,8 @@ class LoopHookPoint(HookPoint):
     hooks and pre-hooks, or torch's global module hooks) the input is returned directly; with plain
     forward hooks only (what TransformerLens's ``add_hook`` registers) they are called in order,
     as ``_call_impl`` would call them; anything else (pre-hooks, backward hooks, hooks taking
-    kwargs or ``always_call``, global hooks, tracing) takes the ordinary module call. TransformerLens
+    kwargs or ``always_call``, global hooks, tracing, a ``forward`` set on the instance as nnsight
+    does) takes the ordinary module call. TransformerLens
     hooks, raw torch hooks and backward hooks behave exactly as on a ``HookPoint`` (which this is:
     ``isinstance(hp, HookPoint)``).
     """
@@ -117,6 +118,7 @@ class LoopHookPoint(HookPoint):
             or _GBH
             or _GBPH
             or kwargs
+            or "forward" in self.__dict__  # an instance-level forward (nnsight's interleaver)
         ):
             return super().__call__(*args, **kwargs)
         x = args[0]
