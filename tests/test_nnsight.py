@@ -20,9 +20,13 @@ def test_per_step_reads_equal_the_cache(model):
     tokens = torch.randint(1, 900, (2, 11), generator=torch.Generator().manual_seed(0))
     sched, traced = model.schedule, nnsight.NNsight(model)
     steps = (1, 3, 6)
-    with traced.trace(tokens):
-        resid = [traced.blocks[sched.index(r, 0)].hook_resid_post.output.save() for r in steps]
+    a, b, c = (sched.index(r, 0) for r in steps)
+    with traced.trace(tokens):  # accessed in execution order, as nnsight requires
+        resid_a = traced.blocks[a].hook_resid_post.output.save()
+        resid_b = traced.blocks[b].hook_resid_post.output.save()
+        resid_c = traced.blocks[c].hook_resid_post.output.save()
         state = traced.loops[6].hook_state_out.output.save()
+    resid = [resid_a, resid_b, resid_c]
     _, cache = model.run_with_cache(tokens)
     for r, value in zip(steps, resid):
         torch.testing.assert_close(value, cache[f"blocks.{sched.index(r, 0)}.hook_resid_post"], rtol=1e-4, atol=1e-4)
