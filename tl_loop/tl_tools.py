@@ -33,7 +33,8 @@ from jaxtyping import Float
 
 from tl_loop.errors import UnsupportedError
 
-_LABEL = re.compile(r"^(?:(?P<head_layer>\d+)H(?P<head>\d+)|L(?P<l>\d+)H(?P<h>\d+)|(?P<layer>\d+)_(?P<rest>\w+))$")
+#: TransformerLens result labels that carry an effective layer: ``L{i}H{h}`` and ``{i}_{what}``.
+_LABEL = re.compile(r"^(?:L(?P<l>\d+)H(?P<h>\d+)|(?P<layer>\d+)_(?P<rest>\w+))$")
 
 
 def _effective_label(model: Any, index: int) -> str:
@@ -58,15 +59,13 @@ def loop_label(model: Any, label: Any) -> str:
     """
     if hasattr(label, "kind") and hasattr(label, "position"):  # an attribution Node
         where = "" if label.layer is None else _effective_label(model, label.layer)
-        head = "" if label.head is None else f".H{label.head}"
-        return f"{where}{head} {label.kind}@{label.position}".strip() if where else f"{label.kind}@{label.position}"
+        where += "" if label.head is None else f".H{label.head}"
+        return f"{where} {label.kind}@{label.position}".lstrip()
     match = _LABEL.match(str(label))
     if match is None:
         return str(label)
     if match["l"] is not None:
         return f"{_effective_label(model, int(match['l']))}.H{match['h']}"
-    if match["head_layer"] is not None:
-        return f"{_effective_label(model, int(match['head_layer']))}.H{match['head']}"
     return f"{_effective_label(model, int(match['layer']))}_{match['rest']}"
 
 
@@ -76,9 +75,8 @@ def node_scores_by_step(
     """Node attribution scores of one node kind at one position, laid out over the loop.
 
     ``result`` is an ``AttributionResult``. ``kind="attn_head_out"`` gives
-    ``[step, layer_in_cycle, head]``; ``"mlp_out"`` gives ``[step, layer_in_cycle]``. ``position``
-    counts from the end when negative (as the tool's nodes are stored with absolute positions,
-    it is resolved against the largest position scored).
+    ``[step, layer_in_cycle, head]``; ``"mlp_out"`` gives ``[step, layer_in_cycle]``. Nodes hold
+    absolute positions; a negative ``position`` counts back from the last position scored.
     """
     nodes = [n for n in result.node_scores if n.kind == kind]
     if not nodes:
@@ -118,7 +116,7 @@ def additive_residual_obstruction(model: Any) -> str | None:
     if cfg.n_inner_layers:
         reasons.append("the inner (HRM) stack runs on its own state")
     if cfg.positional_embedding_type != "rotary":
-        reasons.append("learned position embeddings are a writer the tools do not score")
+        reasons.append("learned position embeddings (hook_pos_embed) are no writer of the tools' graph")
     return "; ".join(reasons) or None
 
 
