@@ -13,7 +13,7 @@ import torch
 from conftest import VARIANTS, make_model
 from transformer_lens import patching
 
-from tl_loop._tl_compat import HAS_TL4_ANALYSIS
+from tl_loop._tl_compat import HAS_TL4_ANALYSIS, TL_MAJOR
 
 #: Layouts the costlier sweeps (per head, every block activation) run on: prelude/coda + additive injection; Huginn's
 #: adapter, random initial state and sandwich norms; Ouro's output norms, norm between steps
@@ -388,6 +388,8 @@ def test_full_decomposition_equals_transformer_lens_where_the_stream_is_a_plain_
         theirs, tl_labels = ActivationCache.get_full_resid_decomposition(cache, layer, mlp_input=mlp_input, return_labels=True)
         assert labels == tl_labels
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        if mlp_input and TL_MAJOR < 4:  # TransformerLens 3.x's stack_neuron_results has no mlp_input
+            continue
         ours_n = cache.stack_neuron_results(layer, mlp_input=mlp_input)
-        theirs_n = ActivationCache.stack_neuron_results(cache, layer, mlp_input=mlp_input)
+        theirs_n = ActivationCache.stack_neuron_results(cache, layer, **({"mlp_input": True} if mlp_input else {}))
         torch.testing.assert_close(ours_n, theirs_n, rtol=1e-5, atol=1e-5)
