@@ -14,13 +14,23 @@ import torch
 
 from tl_loop.config import LoopedConfig
 from tl_loop.errors import CheckpointError, InputError, TlLoopError
-from tl_loop.loading.files import load_tokenizer, read_config, read_tensors, resolve_checkpoint
+from tl_loop.loading.atomic import replace_folder
+from tl_loop.loading.files import (
+    SAFETENSORS_FILE,
+    TOKENIZER_FILES,
+    load_tokenizer,
+    read_config,
+    read_tensors,
+    resolve_checkpoint,
+)
 from tl_loop.loading.registry import Family, detect_family, families, get_family, register_family
 from tl_loop.loading.strict import StrictTensors, load_into
+from tl_loop.tasks.tokenizer import TOKENIZER_FILE as CHAR_TOKENIZER_FILE
 
 __all__ = [
     "load_pretrained",
     "save_pretrained",
+    "write_checkpoint",
     "Family",
     "register_family",
     "get_family",
@@ -126,17 +136,35 @@ def load_pretrained(
 
 
 def save_pretrained(model: Any, folder: str | Path, family: str | None = None) -> Path:
-    """Write ``model`` in its family's own format (``config.json`` + ``model.safetensors``)."""
+    """Write ``model`` in its family's own format (``config.json`` + ``model.safetensors`` and the
+    tokenizer), atomically: a failed save leaves an earlier checkpoint in ``folder`` loadable, and
+    that checkpoint's weight, index and tokenizer files never survive next to the new ones (see
+    ``tl_loop.loading.atomic``). A model of no registered family is saved in tl-loop's own format."""
+    folder = Path(folder)
+    with replace_folder(folder, owned=is_checkpoint_file) as staging:
+        write_checkpoint(model, staging, family)
+    return folder
+
+
+def write_checkpoint(model: Any, folder: Path, family: str | None = None) -> None:
+    """Write ``model``'s checkpoint files into the existing folder ``folder`` (not atomic)."""
     from safetensors.torch import save_file
 
-    fam = get_family(family or model.cfg.family)
+    name = family or model.cfg.family
+    if family is None and name not in families():
+        name = "tl_loop"  # a model built from a LoopedConfig (family "custom")
+    fam = get_family(name)
     if fam.export is None:
         raise CheckpointError(f"family {fam.name!r} cannot be saved")
     config_json, tensors = fam.export(model)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
-    save_file({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    save_file({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, str(folder / SAFETENSORS_FILE))
     if getattr(model, "tokenizer", None) is not None and hasattr(model.tokenizer, "save_pretrained"):
         model.tokenizer.save_pretrained(str(folder))
-    return folder
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether a file name belongs to a checkpoint (replaced, never kept, when one is saved)."""
+    return (name == "config.json" or name.endswith((".safetensors", ".safetensors.index.json", ".bin",
+                                                     ".bin.index.json"))
+            or name in TOKENIZER_FILES or name == CHAR_TOKENIZER_FILE)
