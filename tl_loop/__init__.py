@@ -9,7 +9,7 @@ Public names::
 from tl_loop import errors, patching
 from tl_loop.cache import LoopedActivationCache, attribution_names_filter
 from tl_loop.config import LoopedConfig
-from tl_loop.errors import CheckpointError, InputError, UnsupportedError
+from tl_loop.errors import CheckpointError, InputError, ModelInUseError, UnsupportedError
 from tl_loop.model import HookedLoopedTransformer
 from tl_loop.schedule import EffectiveLayer, Schedule
 
@@ -26,6 +26,7 @@ __all__ = [
     "errors",
     "CheckpointError",
     "InputError",
+    "ModelInUseError",
     "UnsupportedError",
     "__version__",
 ]
