@@ -150,8 +150,10 @@ def write_checkpoint(model: Any, folder: Path, family: str | None = None) -> Non
     """Write ``model``'s checkpoint files into the existing folder ``folder`` (not atomic)."""
     from safetensors.torch import save_file
 
+    from tl_loop.loading import registry  # ``families`` here is shadowed by the subpackage
+
     name = family or model.cfg.family
-    if family is None and name not in families():
+    if family is None and name not in registry.families():
         name = "tl_loop"  # a model built from a LoopedConfig (family "custom")
     fam = get_family(name)
     if fam.export is None:
