@@ -114,7 +114,7 @@ CASES = [
     ("tl_loop", "tl_loop_config.embed_scale", INF, "embed_scale=inf \\(must be a finite number\\)"),
     ("tl_loop", "tl_loop_config.state_init_std", NAN, "state_init_std=nan \\(must be a finite number >= 0\\)"),
     ("tl_loop", "tl_loop_config.dtype", "xyz", "config.json describes a model tl_loop cannot build: AttributeError"),
-    ("tl_loop", "tl_loop_config", [1, 2], "config.json describes a model tl_loop cannot build"),
+    ("tl_loop", "tl_loop_config", [1, 2], "'tl_loop_config' must be an object, got \\[1, 2\\]"),
 ]
 
 

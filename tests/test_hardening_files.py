@@ -230,3 +230,18 @@ def test_an_index_that_is_not_json_names_the_file(ouro):
     (ouro / INDEX).write_text("{")
     with pytest.raises(CheckpointError, match=rf"{INDEX} is not valid JSON"):
         load(ouro)
+
+
+def test_a_hub_cache_snapshot_linking_to_its_blobs_loads(ouro, tmp_path):
+    """huggingface_hub's cache: snapshots/<rev>/<file> -> ../../blobs/<hash>, inside the repo folder."""
+    reference = load(ouro)(TOKENS)
+    weight_map = shard(ouro)
+    repo = tmp_path / "models--owner--name"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, path in enumerate(sorted(ouro.iterdir())):
+        path.rename(blobs / f"blob{i}")
+        (snapshot / path.name).symlink_to(Path("../../blobs") / f"blob{i}")
+    assert weight_map and (snapshot / "part-1.safetensors").is_symlink()
+    torch.testing.assert_close(load(snapshot)(TOKENS), reference, rtol=0, atol=0)

@@ -127,3 +127,30 @@ def test_init_seed_must_be_an_int(seed):
 def test_meta_device_tokens_are_refused():
     with pytest.raises(InputError, match="meta device"):
         make_model("plain")(TOKENS.to("meta"))
+
+
+def test_hooks_are_clean_after_an_exception_at_another_depth():
+    model = make_model("prelude_coda_add")
+    expected = model(TOKENS)
+
+    def boom(x, hook):
+        raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError, match="hook failed"):
+        model.run_with_hooks(TOKENS, n_steps=6, fwd_hooks=[("blocks.9.hook_resid_post", boom)])
+    assert model.cfg.n_steps == 3 and not model._any_hooks_attached()
+    torch.testing.assert_close(model(TOKENS, n_steps=6), model(TOKENS, n_steps=6))
+    torch.testing.assert_close(model(TOKENS), expected, rtol=0, atol=0)
+
+
+def test_a_hook_on_a_layer_the_depth_lacks_raises_until_reset():
+    model = make_model("prelude_coda_add")
+    model.set_n_steps(6)
+    model.add_hook("blocks.11.hook_resid_post", lambda x, hook: x * 0)
+    model.set_n_steps(2)
+    with pytest.raises(InputError, match=r"hooks are attached to \['blocks.11.hook_resid_post'\].*n_steps=2"):
+        model(TOKENS)
+    model.reset_hooks()
+    model(TOKENS)
+    model.set_n_steps(6)
+    assert not model._any_hooks_attached()
