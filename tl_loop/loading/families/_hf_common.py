@@ -98,12 +98,11 @@ FIELD_TYPES: dict[str, tuple[Any, str]] = {
 }
 
 
-def check_field_types(config_json: Mapping[str, Any], family: str, fields_: Iterable[str] | None = None) -> None:
-    """Raise a ``CheckpointError`` naming the first field of ``FIELD_TYPES`` (or of ``fields_``)
-    whose value has the wrong type or range (``total_ut_steps: 1.5``, ``num_attention_heads: 0``)."""
-    for key in FIELD_TYPES if fields_ is None else fields_:
+def check_field_types(config_json: Mapping[str, Any], family: str) -> None:
+    """Raise a ``CheckpointError`` naming the first field of ``FIELD_TYPES`` whose value has the
+    wrong type or range (``total_ut_steps: 1.5``, ``num_attention_heads: 0``)."""
+    for key, (check, what) in FIELD_TYPES.items():
         value = config_json.get(key)
-        check, what = FIELD_TYPES[key]
         if value is not None and not check(value):
             raise CheckpointError(f"{family} config.json: {key}={value!r} must be {what}")
 
