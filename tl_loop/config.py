@@ -206,8 +206,10 @@ class LoopedConfig(TransformerLensConfig):
             kind = _FIELD_KINDS.get(f.name)
             if kind is not None and not (value is None and f.name in _OPTIONAL) and not kind[0](value):
                 problems.append(f"{f.name}={value!r} (must be {kind[1]})")
-            choices = get_args(f.type) if get_origin(f.type) is Literal else get_args(_LITERALS.get(f.type, int))
-            if choices and value not in choices:
+            optional = isinstance(f.type, str) and f.type.endswith(" | None")  # postponed annotations
+            alias = _LITERALS.get(f.type.removesuffix(" | None")) if isinstance(f.type, str) else f.type
+            choices = get_args(alias) if get_origin(alias) is Literal else ()
+            if choices and not (optional and value is None) and value not in choices:
                 problems.append(f"{f.name}={value!r} (must be one of {list(choices)})")
         if self.n_heads == -1 and _is_int(self.d_head, 1) and _is_int(self.d_model, 1) and self.d_model % self.d_head:
             problems.append(f"d_model={self.d_model} is not divisible by d_head={self.d_head}")
