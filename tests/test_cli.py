@@ -1,8 +1,10 @@
 """The command line: ``tl-loop info`` and ``tl-loop report``.
 
 Mistakes are checked the way a user meets them: ``python -m tl_loop`` in a subprocess, asserting
-the exit status, exactly one line on stderr and no traceback. (How fast ``--help`` answers is
-measured by ``benchmarks/cli_startup.py``, not here.)
+the exit status, exactly one line on stderr and no traceback. Those caught after a model is
+loaded run one subprocess end to end and the rest through ``main()`` in this process (the same
+code after interpreter start-up, without importing torch again per case). How fast ``--help``
+answers is measured by ``benchmarks/cli_startup.py``, not here.
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=cwd or ROOT, env=ENV, timeout=600)
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+class Ran:
+    """``main(args)`` run in this process, shaped like a ``CompletedProcess``."""
+
+    def __init__(self, capsys, *args: str) -> None:
+        self.returncode = main(list(args))
+        captured = capsys.readouterr()
+        self.stdout, self.stderr = captured.out, captured.err
+
+
+def assert_one_line_error(result, *needles: str, code: int = 2) -> str:
     err = result.stderr
     assert result.returncode == code, (result.returncode, err)
     assert "Traceback" not in err and "Traceback" not in result.stdout
@@ -93,29 +104,29 @@ def test_too_many_steps_names_force():
     assert_one_line_error(cli("info", "tl-loop/varbind-looped", "--steps", "100000"), "max_steps=512", "--force")
 
 
-def test_malformed_config_is_one_line(tmp_path):
+def test_malformed_config_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(FIXTURES / "raven_tiny", bad)
     config = json.loads((bad / "config.json").read_text())
     config["n_heads"] = 5  # 64 is not divisible by 5
     (bad / "config.json").write_text(json.dumps(config))
-    assert_one_line_error(cli("info", str(bad)), "config.json")
+    assert_one_line_error(Ran(capsys, "info", str(bad)), "config.json")
     (bad / "config.json").write_text("{not json")
-    assert_one_line_error(cli("info", str(bad)), "not valid JSON")
+    assert_one_line_error(Ran(capsys, "info", str(bad)), "not valid JSON")
 
 
-def test_token_ids_out_of_range_and_no_tokenizer(tmp_path):
+def test_token_ids_out_of_range_and_no_tokenizer(tmp_path, capsys):
     out = str(tmp_path / "r.html")
-    assert_one_line_error(cli("report", str(FIXTURES / "ouro_tiny"), "--tokens", "1,99999", "--out", out),
+    assert_one_line_error(Ran(capsys, "report", str(FIXTURES / "ouro_tiny"), "--tokens", "1,99999", "--out", out),
                           "token ids must lie in")
-    assert_one_line_error(cli("report", str(FIXTURES / "ouro_tiny"), "--prompt", "hi", "--out", out),
+    assert_one_line_error(Ran(capsys, "report", str(FIXTURES / "ouro_tiny"), "--prompt", "hi", "--out", out),
                           "no tokenizer", "--tokens")
     assert not Path(out).exists()
 
 
-def test_unknown_characters_are_named_and_counted(tmp_path):
+def test_unknown_characters_are_named_and_counted(tmp_path, capsys):
     out = tmp_path / "r.html"
-    result = cli("report", "--prompt", "a=1;b=a;?bXYZ", "--steps", "1", "--out", str(out), "--no-progress")
+    result = Ran(capsys, "report", "--prompt", "a=1;b=a;?bXYZ", "--steps", "1", "--out", str(out), "--no-progress")
     assert result.returncode == 0, result.stderr
     warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "3 of" in warning[0] and "'X' 'Y' 'Z'" in warning[0], result.stderr
@@ -155,8 +166,8 @@ def test_python_dash_m_entry_point():
     assert result.returncode == 0 and "report" in result.stdout
 
 
-def test_report_on_the_embedded_model_needs_no_arguments(tmp_path):
-    result = cli("report", "--no-progress", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_report_on_the_embedded_model_needs_no_arguments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--no-progress"]) == 0
     page = (tmp_path / "report.html").read_text()
     assert "<html" in page.lower() and "The task" in page and "Patching the recurrent state" in page

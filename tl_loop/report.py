@@ -267,6 +267,8 @@ def _stages(r: ReportInput) -> tuple[Any, str]:
     from tl_loop import analysis as A
     from tl_loop import plot as P
 
+    if r.model.cfg.n_layers == 0:
+        raise Skip(f"at {r.n_steps} steps this model runs no layer at all (no prelude or coda)")
     stages = A.inference_stages(r.cache)
     top = (stages.rank <= 1).tolist()
     # first effective layer from which the final prediction stays the logit lens's top-1
