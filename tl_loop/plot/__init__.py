@@ -18,6 +18,7 @@ function                           draws
 ``limiting_behaviour_figure``      cosine to the final state per token, by class
 ``attention_views``                circuitsvis view of one head across steps
 ``patching_heatmap``               a ``[row, pos]`` patching result, centred on 0
+``use_notebook_renderer``          figures that survive HTML export (JSON + HTML, plotly.js once)
 =================================  ===================================================
 
 Save with ``fig.write_html("figure.html")`` (or ``fig.show()`` in a notebook).
@@ -32,6 +33,7 @@ from tl_loop.plot.attention import (
 )
 from tl_loop.plot.convergence import convergence_curves, residual_stats_figure, step_layer_heatmap
 from tl_loop.plot.limiting import limiting_behaviour_figure
+from tl_loop.plot.notebook import use_notebook_renderer
 from tl_loop.plot.patching import patching_heatmap
 from tl_loop.plot.stages import inference_stages_figure
 from tl_loop.plot.trajectory import cycle_distances_figure, pca_trajectory_figure
@@ -50,4 +52,5 @@ __all__ = [
     "limiting_behaviour_figure",
     "attention_views",
     "patching_heatmap",
+    "use_notebook_renderer",
 ]
