@@ -31,9 +31,11 @@ def use_notebook_renderer() -> None:
     """Make ``fig.show()`` store the plotly JSON and self-contained HTML (plotly.js included once).
 
     >>> import plotly.io as pio
+    >>> previous = pio.renderers.default
     >>> use_notebook_renderer()
     >>> pio.renderers.default
     'plotly_mimetype+tl_loop_notebook'
+    >>> pio.renderers.default = previous
     """
     if RENDERER not in renderers:
         renderers[RENDERER] = OfflineNotebookRenderer()
