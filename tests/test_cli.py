@@ -124,6 +124,12 @@ def test_token_ids_out_of_range_and_no_tokenizer(tmp_path, capsys):
     assert not Path(out).exists()
 
 
+def test_a_prompt_longer_than_the_context_is_refused(tmp_path, capsys):
+    out = tmp_path / "r.html"
+    assert_one_line_error(Ran(capsys, "report", "--prompt", "a=1;" * 20 + "?a", "--out", str(out)), "n_ctx")
+    assert not out.exists()
+
+
 def test_unknown_characters_are_named_and_counted(tmp_path, capsys):
     out = tmp_path / "r.html"
     result = Ran(capsys, "report", "--prompt", "a=1;b=a;?bXYZ", "--steps", "1", "--out", str(out), "--no-progress")

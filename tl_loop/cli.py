@@ -168,7 +168,7 @@ def _report_tokens(model: Any, args: argparse.Namespace) -> tuple[Any, Any]:
         raise UsageError("this model has no task of its own: give --prompt TEXT (or --tokens 1,2,3)")
     if model.tokenizer is None:
         raise UsageError("this model has no tokenizer: give --tokens 1,2,3 instead of --prompt")
-    tokens = model.to_tokens(args.prompt)
+    tokens = model.to_tokens(args.prompt, truncate=False)  # too long for n_ctx: an error, not a cut
     unk_id = getattr(model.tokenizer, "unk_token_id", None)
     n_unk = int((tokens == unk_id).sum()) if unk_id is not None else 0
     if n_unk:
