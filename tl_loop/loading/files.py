@@ -60,17 +60,21 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files (the shards its index names, when sharded); [] if none."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    return sorted(p for p in folder.glob("*.safetensors") if p.name != "expected.safetensors")
+
+
 def read_tensors(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder (single or sharded safetensors)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors") if p.name != "expected.safetensors")
+    files = [p.name for p in safetensors_files(folder)]
     if not files:
         pickles = [n for n in PICKLE_FILES if (folder / n).exists()]
         if pickles and not allow_pickle:
