@@ -84,6 +84,14 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], as
             + (f"\n  shape mismatches: {bad_shapes}" if bad_shapes else "")
         )
     for name, tensor in state_dict.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not _all_finite(tensor):
             logger.warning("checkpoint tensor %s (%s) contains NaN or inf values", name, tuple(tensor.shape))
     model.load_state_dict(dict(state_dict), strict=True, assign=assign)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in ``tensor``: the sum is finite unless one is (or the sum overflows, then
+    checked element-wise); far cheaper than ``isfinite(tensor).all()`` on a large bf16 tensor."""
+    if tensor.device.type == "meta":  # no values to check (a model loaded for its shapes)
+        return True
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
