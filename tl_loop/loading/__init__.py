@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tl_loop.errors import CheckpointError
+from tl_loop.errors import CheckpointError, InputError
 from tl_loop.loading.files import load_tokenizer, read_config, read_tensors, resolve_checkpoint, safetensors_files
 from tl_loop.loading.lazy import LazyTensors, check_fits
 from tl_loop.loading.registry import Family, detect_family, families, get_family, register_family
@@ -78,6 +78,9 @@ def load_pretrained(
     folder = resolve_shipped(name_or_path) or resolve_checkpoint(name_or_path, revision)
     config_json = read_config(folder)
     target = torch.device(device if device is not None else "cpu")
+    if target.type == "meta":
+        raise InputError("device='meta' cannot hold checkpoint values (the loader checks some); for shapes "
+                         "only, build the model under `with torch.device('meta'):` from its config")
     files = safetensors_files(folder)
     tensors = (LazyTensors.from_files(files, device=target) if files
                else LazyTensors.from_dict(read_tensors(folder, allow_pickle=allow_pickle), device=target))
