@@ -57,7 +57,7 @@ def step_states(model: Any, tokens: Any, **forward_kwargs: Any) -> Float[torch.T
         _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None, return_cache_object=False, **forward_kwargs)
         if not names:
             tokens_t = model._validate_tokens(tokens)
-            return torch.zeros(0, *tokens_t.shape, model.cfg.d_model, dtype=model.cfg.dtype)
+            return torch.zeros(0, *tokens_t.shape, model.cfg.d_model, dtype=model.cfg.dtype, device=model.cfg.device)
         return torch.stack([cache[n] for n in names])
 
 
