@@ -179,3 +179,30 @@ def test_cache_load_refuses_another_schedule(tmp_path):
         LoopedActivationCache.load(tmp_path / "c", different)
     with pytest.raises(InputError, match="no saved cache"):
         LoopedActivationCache.load(tmp_path / "nothing", model)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["raven_tiny", "ouro_tiny", "retro_llama_tiny", "retro_olmo_tiny"])
+def test_every_family_on_gpu_matches_cpu(name):
+    """Forward, cache offload to the CPU, patching and a move back: the GPU run equals the CPU run."""
+    from transformer_lens import patching
+
+    cpu = HookedLoopedTransformer.from_pretrained(str(FIXTURES / name))
+    gpu = HookedLoopedTransformer.from_pretrained(str(FIXTURES / name), device="cuda")
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    random_state = cpu.cfg.state_init == "random"  # the GPU's generator differs: give the state
+    state = torch.randn(1, 5, cpu.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    logits, cache = gpu.run_with_cache(tokens.cuda(), device="cpu", **({"init_state": state.cuda()} if random_state else {}))
+    ref_logits, ref_cache = cpu.run_with_cache(tokens, **({"init_state": state} if random_state else {}))
+    torch.testing.assert_close(logits.cpu(), ref_logits, rtol=1e-4, atol=1e-4)
+    assert all(t.device.type == "cpu" for t in cache.values())
+    torch.testing.assert_close(cache["blocks.3.hook_resid_post"], ref_cache["blocks.3.hook_resid_post"], rtol=1e-4, atol=1e-4)
+
+    if not random_state:  # TransformerLens's sweep runs the model without an initial state
+        corrupt = torch.tensor([[5, 2, 3, 4, 1]])
+        _, clean_gpu = gpu.run_with_cache(tokens.cuda())
+        got = patching.get_act_patch_resid_pre(gpu, corrupt.cuda(), clean_gpu, lambda out: out[0, -1, 0])
+        want = patching.get_act_patch_resid_pre(cpu, corrupt, ref_cache, lambda out: out[0, -1, 0])
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+    gpu.to("cpu")
+    assert gpu.cfg.device == "cpu"
