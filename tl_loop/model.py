@@ -48,6 +48,7 @@ from tl_loop.components.norm import HookedNorm, NormWeights
 from tl_loop.components.rotary import RotaryTables, rotary_inv_freq, rotary_tables
 from tl_loop.components.base import all_hook_points
 from tl_loop.config import LoopedConfig
+from tl_loop.devices import PlacementMixin
 from tl_loop.errors import InputError, ModelInUseError
 from tl_loop.execution import Forward
 from tl_loop.program import Program, RunFrame
@@ -116,7 +117,7 @@ class _Views(nn.Module):
             step.set_last(r == n_steps - 1)
 
 
-class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
+class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootModule):
     """A looped (recurrent-depth) transformer with one hook point per effective layer.
 
     Examples:

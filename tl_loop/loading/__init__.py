@@ -20,9 +20,12 @@ from tl_loop.loading.files import (
     TOKENIZER_FILES,
     load_tokenizer,
     read_config,
+    check_index,
     read_tensors,
     resolve_checkpoint,
+    weight_files,
 )
+from tl_loop.loading.lazy import LazyTensors, check_fits
 from tl_loop.loading.registry import Family, detect_family, families, get_family, register_family
 from tl_loop.loading.strict import StrictTensors, load_into
 from tl_loop.tasks.tokenizer import TOKENIZER_FILE as CHAR_TOKENIZER_FILE
@@ -82,16 +85,6 @@ def build_config(fam: Family, config_json: dict[str, Any], tensor_names: set[str
     return cfg
 
 
-def _stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype | None:
-    """The floating dtype holding most weight elements (a float32 buffer such as Huginn's
-    ``freqs_cis`` can sit next to bfloat16 weights)."""
-    counts: dict[torch.dtype, int] = {}
-    for t in tensors.values():
-        if t.is_floating_point():
-            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
-    return max(counts, key=counts.__getitem__) if counts else None
-
-
 def load_pretrained(
     name_or_path: str | Path,
     *,
@@ -101,15 +94,23 @@ def load_pretrained(
     dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     allow_pickle: bool = False,
+    check_memory: bool = True,
     **options: Any,
 ):
     """Load a checkpoint folder (or Hub id) as a ``HookedLoopedTransformer``.
 
+    The model is built on the meta device and each tensor is read, converted to ``dtype`` and
+    moved to ``device`` one at a time (``tl_loop.loading.lazy``), then assigned in place: peak
+    memory is the loaded weights plus one tensor.
+
     Args:
         family: force a family instead of detecting it from ``config.json`` and the tensors.
         n_steps: default number of recurrent steps (else the checkpoint's own default).
+        device: where the weights go (default ``"cpu"``); read straight onto it, tensor by tensor.
         dtype: compute dtype; default float32, ``"stored"`` keeps the checkpoint's dtype.
         allow_pickle: accept a ``.bin`` pickle checkpoint (loaded with ``weights_only=True``).
+        check_memory: refuse (``CheckpointError`` with the numbers) when the weights clearly do
+            not fit the device's free memory; activations come on top of the weights.
         options: family-specific options (e.g. ``layout=`` for looping a feedforward model).
     """
     from tl_loop.model import HookedLoopedTransformer
@@ -120,19 +121,38 @@ def load_pretrained(
     device = _parse_device(device)
     folder = resolve_shipped(name_or_path) or resolve_checkpoint(name_or_path, revision)
     config_json = read_config(folder)
-    tensors = read_tensors(folder, allow_pickle=allow_pickle)
+    target = torch.device(device)
+    if target.type == "meta":
+        raise InputError("device='meta' cannot hold checkpoint values (the loader checks some); for shapes "
+                         "only, build the model under `with torch.device('meta'):` from its config")
+    files, weight_map, pickle = weight_files(folder, allow_pickle)
+    if pickle:
+        tensors = LazyTensors.from_dict(read_tensors(folder, allow_pickle=True), device=target)
+    else:
+        tensors = LazyTensors.from_files(files, device=target)
+        check_index(folder, weight_map, {name: info.file for name, info in tensors.infos.items()}, pickle)
     fam = get_family(family) if family is not None else detect_family(config_json, set(tensors))
     cfg = build_config(fam, config_json, set(tensors), folder / "config.json", **options)
-    cfg.dtype = compute_dtype or _parse_dtype("stored", _stored_dtype(tensors))
-    cfg.device = device
+    cfg.dtype = tensors.dtype = compute_dtype or _parse_dtype("stored", tensors.stored_dtype())
+    cfg.device = str(target)
+    if check_memory:
+        check_fits(tensors.loaded_bytes(), target, f"the weights of {folder} in {str(cfg.dtype).removeprefix('torch.')}")
     strict = StrictTensors(tensors)
     state_dict = fam.convert(strict, cfg)
     strict.finish()
-    model = HookedLoopedTransformer(cfg, tokenizer=load_tokenizer(folder), init_weights=False)
-    load_into(model, {k: v.to(cfg.dtype) if v.is_floating_point() else v for k, v in state_dict.items()})
+    with torch.device("meta"):
+        model = HookedLoopedTransformer(cfg, tokenizer=load_tokenizer(folder), init_weights=False)
+    load_into(model, {k: _placed(v, target, cfg.dtype) for k, v in state_dict.items()}, assign=True)
     if n_steps is not None:
         model.set_n_steps(n_steps)
-    return model.to(cfg.device)
+    return model
+
+
+def _placed(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` on ``device`` (floating ones in ``dtype``), contiguous, as a model parameter needs;
+    a no-op for the tensors the lazy reader already placed."""
+    tensor = tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
+    return tensor.contiguous()
 
 
 def save_pretrained(model: Any, folder: str | Path, family: str | None = None) -> Path:

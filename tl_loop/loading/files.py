@@ -172,16 +172,22 @@ def read_tensors(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Te
             if name in source:
                 raise CheckpointError(f"tensor {name!r} is stored twice: in {source[name].name} and in {path.name}")
             tensors[name], source[name] = tensor, path
-    if weight_map is not None:
-        wrong = sorted(n for n, p in weight_map.items() if n in source and source[n] != p)
-        absent = sorted(set(weight_map) - set(source))
-        if wrong or absent:
-            raise CheckpointError(
-                f"{folder / (PICKLE_INDEX if pickle else SAFETENSORS_INDEX)} does not match its shards: "
-                + "; ".join([f"{n!r} is listed in {weight_map[n].name} but stored in {source[n].name}" for n in wrong[:5]]
-                            + ([f"listed but stored in no shard: {absent[:5]}"] if absent else []))
-            )
+    check_index(folder, weight_map, source, pickle)
     return tensors
+
+
+def check_index(folder: Path, weight_map: dict[str, Path] | None, source: Mapping[str, Path], pickle: bool) -> None:
+    """Refuse an index that does not match its shards: ``source`` is where each tensor was found."""
+    if weight_map is None:
+        return
+    wrong = sorted(n for n, p in weight_map.items() if n in source and source[n] != p)
+    absent = sorted(set(weight_map) - set(source))
+    if wrong or absent:
+        raise CheckpointError(
+            f"{folder / (PICKLE_INDEX if pickle else SAFETENSORS_INDEX)} does not match its shards: "
+            + "; ".join([f"{n!r} is listed in {weight_map[n].name} but stored in {source[n].name}" for n in wrong[:5]]
+                        + ([f"listed but stored in no shard: {absent[:5]}"] if absent else []))
+        )
 
 
 def _read_file(path: Path, pickle: bool) -> dict[str, torch.Tensor]:
