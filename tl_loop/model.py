@@ -722,6 +722,7 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         init_state: torch.Tensor | None = None,
         init_seed: int | None = None,
         on_block: Callable[[RunFrame], None] | None = None,
+        on_op: Callable[[int, RunFrame], None] | None = None,
         started_at: int | None = None,
     ) -> RunFrame:
         """Interpret ``program[start:stop]`` on ``frame`` (a fresh one from the tokens by default;
@@ -730,7 +731,7 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         x = frame.x if frame.x is not None else tokens
         assert x is not None, "a pass needs tokens or a stream"
         run = Forward(self, tokens, self._rotary(x.shape[1], x.device), init_state=init_state,
-                      init_seed=init_seed, on_block=on_block, started_at=started_at)
+                      init_seed=init_seed, on_block=on_block, on_op=on_op, started_at=started_at)
         run.run(self.program, frame, start, stop)
         return frame
 
