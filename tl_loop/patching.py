@@ -845,13 +845,17 @@ def generic_activation_patch_batched(
             axis_sizes = index_df.max().to_list()
             flattened = True
         rows = [row.to_list() for _, row in index_df.iterrows()]
+        clean: dict[int, tuple[str, torch.Tensor]] = {}  # layer -> (hook name, clean activation)
         cells = []
         for index in rows:
-            if not 0 <= int(index[0]) < base.cfg.n_layers:
-                raise InputError(f"index_df layer {index[0]} is out of range: the model runs {base.cfg.n_layers} effective layers")
-            name = block_hook(int(index[0]), activation_name)
-            clean = _cached(clean_cache, name, "clean_cache").to(tokens.device)
-            cells.append(Cell(((name, functools.partial(_setter_hook, patch_setter, index, clean)),)))
+            layer = int(index[0])
+            if not 0 <= layer < base.cfg.n_layers:
+                raise InputError(f"index_df layer {layer} is out of range: the model runs {base.cfg.n_layers} effective layers")
+            if layer not in clean:
+                name = f"blocks.{layer}.{_block_suffix(base, activation_name, depth, layer)}"
+                clean[layer] = name, _cached(clean_cache, name, "clean_cache").to(tokens.device)
+            name, value = clean[layer]
+            cells.append(Cell(((name, functools.partial(_setter_hook, patch_setter, index, value)),)))
         evaluate = scalar_evaluate(metrics, batch, reduce != "scalar", reduce)
         values, corrupted_logits = run_cells(base, tokens, cells, evaluate, batch_size=batch_size, verbose=verbose,
                                              desc=f"patching {activation_name}")
