@@ -115,6 +115,10 @@ class LoopedConfig(TransformerLensConfig):
     unembed_bias: bool = False
     exit_gate: bool = False  # Ouro: per-step exit gate Linear(d_model -> 1) on the normed state
 
+    # ---- TransformerLens hook flags (use_attn_result, use_split_qkv_input are inherited) ----
+    use_attn_in: bool = False  # blocks.{i}.attn.hook_attn_in: the attention input per head
+    use_hook_mlp_in: bool = False  # blocks.{i}.hook_mlp_in: the MLP half's input
+
     # ---- bookkeeping ----
     family: str = "custom"  # loader that produced this config (informational only)
     model_name: str = "custom"
@@ -163,6 +167,11 @@ class LoopedConfig(TransformerLensConfig):
         rot = self.rotary_dim or self.d_head
         need(rot % 2 == 0 and rot <= self.d_head, f"rotary_dim ({rot}) must be even and <= d_head")
         need(self.act_fn in _ACTIVATIONS, f"act_fn must be one of {sorted(_ACTIVATIONS)}")
+        need(not (self.use_attn_in and self.use_split_qkv_input),
+             "use_attn_in and use_split_qkv_input are mutually exclusive (as in TransformerLens)")
+        need(not (self.use_attn_in and self.n_groups > 1),
+             "use_attn_in needs one key-value head per query head; with grouped-query attention use "
+             "use_split_qkv_input (hook_k_input / hook_v_input per key-value head)")
         need(self.positional_embedding_type in ("rotary", "standard"),
              f"positional_embedding_type must be 'rotary' or 'standard', "
              f"got {self.positional_embedding_type!r}")

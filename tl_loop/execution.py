@@ -15,7 +15,7 @@ import torch
 
 from tl_loop.errors import InputError
 from tl_loop.program import Block, ExitGate, Inject, InnerIn, InnerOut, Interpreter, LeaveLoop, Op, RunFrame, StateIn, StateOut
-from tl_loop.components.rotary import RotaryTables
+from tl_loop.components.attention import AttentionContext
 
 #: What a pass started at ``start_at_layer`` must be given, by frame field: the keyword of
 #: ``HookedLoopedTransformer.forward`` and what it is.
@@ -30,9 +30,11 @@ START_INPUTS = {
 class Forward(Interpreter):
     """The forward pass over tensors, firing the model's hook points.
 
-    ``on_block(frame)`` (optional) is called before every block with the live frame (its
-    ``index`` set), which it may modify in place; ``on_op(position, frame)`` (optional) likewise
-    before every operation, with the operation's position in the program: the batched patching
+    ``context`` is what every attention layer reads besides its input (RoPE tables at the
+    tokens' positions, padding, KV slots; ``context_for`` gives a block its own, which decoding
+    overrides). ``on_block(frame)`` (optional) is called before every block with the live frame
+    (its ``index`` set), which it may modify in place; ``on_op(position, frame)`` (optional)
+    likewise before every operation, with its position in the program: the batched patching
     sweeps record frames and stack more rows onto the batch there.
     """
 
@@ -40,7 +42,7 @@ class Forward(Interpreter):
         self,
         model: Any,
         tokens: torch.Tensor | None,
-        rotary: RotaryTables | None,
+        context: AttentionContext,
         *,
         init_state: torch.Tensor | None = None,
         init_seed: int | None = None,
@@ -49,7 +51,7 @@ class Forward(Interpreter):
         started_at: int | None = None,
     ) -> None:
         self.model, self.cfg = model, model.cfg
-        self.tokens, self.rotary = tokens, rotary
+        self.tokens, self.context = tokens, context
         self.init_state, self.init_seed = init_state, init_seed
         self.on_block, self.on_op = on_block, on_op
         self.started_at = started_at
@@ -72,6 +74,10 @@ class Forward(Interpreter):
     def norm_module(self, name: str) -> Any:
         return getattr(self.model, name)
 
+    def context_for(self, op: Block) -> AttentionContext:
+        """The attention context of ``op``'s block (the same for every block of a plain pass)."""
+        return self.context
+
     # ---- reading the frame ----
     def need(self, f: RunFrame, name: str, op: Op) -> torch.Tensor:
         value = getattr(f, name)
@@ -90,18 +96,18 @@ class Forward(Interpreter):
         embedded = model.embed(tokens)
         f.x = model.hook_embed(embedded * cfg.embed_scale if cfg.embed_scale != 1.0 else embedded)
         if model.pos_embed is not None:
-            f.x = f.x + model.hook_pos_embed(model.pos_embed(tokens))
+            f.x = f.x + model.hook_pos_embed(model.pos_embed(tokens, self.context.positions))
 
     def block(self, op: Block, f: RunFrame) -> None:
         if self.on_block is not None:
             f.index = op.index
             self.on_block(f)
-        f.x = self.block_module(op)(self.need(f, "x", op), self.rotary)
+        f.x = self.block_module(op)(self.need(f, "x", op), self.context_for(op))
 
     def enter_loop(self, op: Op, f: RunFrame) -> None:
         model = self.model
         f.prelude_out = self.need(f, "x", op)
-        f.state = model.initial_state(f.prelude_out, self.init_state, self.init_seed)
+        f.state = model.initial_state(f.prelude_out, self.init_state, self.init_seed, self.context.key_valid)
         f.inner_state = model._initial_inner_state(f.prelude_out) if self.cfg.inner_cycles else None
 
     def state_in(self, op: StateIn, f: RunFrame) -> None:
@@ -153,8 +159,8 @@ class HookFree(Forward):
 
     Used to read the model's prediction out of a state taken elsewhere (``tl_loop.readout``)."""
 
-    def __init__(self, model: Any, rotary: RotaryTables | None) -> None:
-        super().__init__(model, None, rotary)
+    def __init__(self, model: Any, context: AttentionContext) -> None:
+        super().__init__(model, None, context)
         self.modules = model._hook_free_modules()
 
     def block_module(self, op: Block) -> Any:

@@ -33,10 +33,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedRootModule
 from transformer_lens.utilities import lm_cross_entropy_loss
 
+from tl_loop.components.attention import AttentionContext
 from tl_loop.components.base import LoopHookPoint, has_hooks
 from tl_loop.components.block import BlockWeights, HookedBlock
 from tl_loop.components.embed import Adapter, Embedding, ExitGate, PosEmbedding, TiedUnembedding, Unembedding
@@ -279,8 +280,9 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         if stale:
             raise InputError(
                 f"hooks are attached to {stale[:3]}{' and more' if len(stale) > 3 else ''}, which do not exist "
-                f"at n_steps={self.cfg.n_steps} ({self.cfg.n_layers} effective layers); run at a depth that "
-                "has them, or remove them with model.reset_hooks()"
+                f"at n_steps={self.cfg.n_steps} ({self.cfg.n_layers} effective layers) with the model's current "
+                "use_* flags; run at a depth (and with the flags) that has them, or remove them with "
+                "model.reset_hooks()"
             )
 
     # ------------------------------------------------------------------ TL verbs
@@ -311,6 +313,39 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
                 cache_dict, self, n_steps=self.cfg.n_steps, has_batch_dim=not kwargs.get("remove_batch_dim", False)
             )
         return out, cache
+
+    # ------------------------------------------------------------------ TransformerLens hook flags
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute each head's write to the stream (``blocks.{i}.attn.hook_result``)."""
+        self._set_hook_flag("use_attn_result", use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Give each head its own copy of the attention input for q, k and v
+        (``blocks.{i}.attn.hook_q_input`` / ``hook_k_input`` / ``hook_v_input``, before ``ln1``)."""
+        self._set_hook_flag("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Give each head its own copy of the attention input (``blocks.{i}.attn.hook_attn_in``)."""
+        self._set_hook_flag("use_attn_in", use_attn_in)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Fire ``blocks.{i}.hook_mlp_in`` on the MLP half's input (before ``ln2``)."""
+        self._set_hook_flag("use_hook_mlp_in", use_hook_mlp_in)
+
+    def _set_hook_flag(self, flag: str, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise InputError(f"{flag} must be True or False, got {value!r}")
+        previous = getattr(self.cfg, flag)
+        setattr(self.cfg, flag, value)
+        try:
+            self.cfg._validate()
+        except ValueError as err:
+            setattr(self.cfg, flag, previous)
+            raise InputError(str(err).removeprefix("LoopedConfig: ")) from None
+        for view in self._block_pool:
+            view.refresh_flagged_hooks()
+        self._detached, self._hook_free = None, None
+        self._install_views(self.cfg.n_steps)
 
     # ------------------------------------------------------------------ splicing modules in
     def splice(self, hook: str, module: nn.Module, layer_in_cycle: int | None = None) -> None:
@@ -452,11 +487,26 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
 
     # ------------------------------------------------------------------ tokens
     def to_tokens(
-        self, input: str | list[str], prepend_bos: bool | None = None, move_to_device: bool = True, truncate: bool = True
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
     ) -> Int[torch.Tensor, "batch pos"]:
-        """Tokenize like TransformerLens (needs a tokenizer)."""
+        """Tokenize like TransformerLens (needs a tokenizer); a batch of texts is padded on
+        ``padding_side`` (default: the tokenizer's)."""
+        tokens, _ = self._tokenize(input, prepend_bos, padding_side, truncate)
+        return tokens.to(self.W_E.device) if move_to_device else tokens
+
+    def _tokenize(
+        self, input: str | list[str], prepend_bos: bool | None, padding_side: str | None, truncate: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(tokens, attention_mask)``: the mask is None unless the batch was padded."""
         if self.tokenizer is None:
             raise InputError("this model has no tokenizer: pass token ids (a LongTensor [batch, pos])")
+        if padding_side not in (None, "left", "right"):
+            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         texts = [input] if isinstance(input, str) else list(input)
         tok = self.tokenizer
@@ -465,10 +515,17 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
             texts = [bos + t for t in texts]
         if len(texts) > 1 and tok.pad_token is None:  # as TransformerLens: pad with EOS (or BOS)
             tok.pad_token = tok.eos_token if tok.eos_token is not None else bos
-        enc = tok(texts, return_tensors="pt", padding=len(texts) > 1, add_special_tokens=False,
-                  truncation=truncate, max_length=self.cfg.n_ctx if truncate else None)
-        tokens = enc["input_ids"]
-        return tokens.to(self.W_E.device) if move_to_device else tokens
+        side = tok.padding_side
+        tok.padding_side = padding_side or side
+        try:
+            enc = tok(texts, return_tensors="pt", padding=len(texts) > 1, add_special_tokens=False,
+                      truncation=truncate, max_length=self.cfg.n_ctx if truncate else None)
+        finally:
+            tok.padding_side = side
+        mask = enc.get("attention_mask") if hasattr(enc, "get") else None
+        if mask is not None and bool(mask.all()):
+            mask = None
+        return enc["input_ids"], mask
 
     def to_string(self, tokens: torch.Tensor | list[int]) -> str | list[str]:
         if self.tokenizer is None:
@@ -518,6 +575,36 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         return total
 
     # ------------------------------------------------------------------ forward
+    def _input_tokens(
+        self, input: Any, prepend_bos: bool | None, padding_side: str | None, attention_mask: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(tokens, attention_mask)`` of a pass: text is tokenized (a padded batch brings its
+        mask), token ids are checked; the mask is bool, or None when nothing is padding."""
+        if isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str)):
+            tokens, mask = self._tokenize(input, prepend_bos, padding_side)
+            tokens = self._validate_tokens(tokens)
+            return tokens, self._check_attention_mask(attention_mask if attention_mask is not None else mask, tuple(tokens.shape))
+        tokens = self._validate_tokens(input)
+        return tokens, self._check_attention_mask(attention_mask, tuple(tokens.shape))
+
+    def _check_attention_mask(self, mask: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or mask.is_floating_point() or mask.is_complex():
+            raise InputError(f"attention_mask must be an integer or bool tensor [batch, pos], got {type(mask).__name__} "
+                             f"{getattr(mask, 'dtype', '')}")
+        if mask.ndim == 1:
+            mask = mask[None]
+        if tuple(mask.shape) != shape:
+            raise InputError(f"attention_mask has shape {tuple(mask.shape)}, the tokens {shape}")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise InputError("attention_mask must hold 0 (padding) and 1 (real token) only")
+        mask = mask.to(device=self.W_E.device, dtype=torch.bool)
+        empty = (~mask.any(-1)).nonzero().flatten().tolist()
+        if empty:
+            raise InputError(f"attention_mask rows {empty} have no real token")
+        return None if bool(mask.all()) else mask
+
     def _validate_tokens(self, input: Any) -> torch.Tensor:
         if isinstance(input, (str, list)) and (isinstance(input, str) or (input and isinstance(input[0], str))):
             return self.to_tokens(input)
@@ -541,8 +628,20 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
             raise InputError(f"token ids must lie in [0, {self.cfg.d_vocab}), got min {lo} max {hi}")
         return tokens.to(self.W_E.device).long()
 
+    def attention_context(
+        self, n_pos: int, device: torch.device, attention_mask: Bool[torch.Tensor, "batch pos"] | None = None
+    ) -> AttentionContext:
+        """What every attention layer of a pass over ``n_pos`` positions reads besides its input:
+        RoPE tables, and with an ``attention_mask`` (bool, padding False) which keys are real and
+        the positions of the real tokens (``cumsum(mask) - 1``, as TransformerLens)."""
+        positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+        rotary = self._rotary(n_pos, device)
+        if rotary is not None and positions is not None:
+            rotary = rotary._replace(cos=rotary.cos[positions], sin_signed=rotary.sin_signed[positions])
+        return AttentionContext(rotary=rotary, key_valid=attention_mask, positions=positions)
+
     def _rotary(self, n_pos: int, device: torch.device) -> RotaryTables | None:
-        """RoPE tables for ``n_pos`` positions (cached: built once per length, device and dtype)."""
+        """RoPE tables for positions ``0..n_pos-1`` (cached: built once per length, device and dtype)."""
         if self.cfg.positional_embedding_type != "rotary":
             return None
         cfg = self.cfg
@@ -561,12 +660,15 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         like: Float[torch.Tensor, "batch pos d_model"],
         init_state: torch.Tensor | None = None,
         init_seed: int | None = None,
+        key_valid: Bool[torch.Tensor, "batch pos"] | None = None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
         """The state entering step 0, given the prelude output ``like``.
 
         ``random`` (Huginn ``like-init``): truncated normal (std ``cfg.state_init_std``, cut at
         +-3 std) times ``cfg.state_init_scale``, drawn from a private generator seeded with
         ``init_seed`` (default ``cfg.state_init_seed``): repeatable, and the global RNG is untouched.
+        In a padded batch (``key_valid``) each row's real positions get the state that row would
+        get alone and unpadded; padding gets zeros.
         """
         if init_state is not None:
             if not isinstance(init_state, torch.Tensor):
@@ -586,9 +688,17 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         if kind == "prelude":
             return like
         seed = self.cfg.state_init_seed if init_seed is None else init_seed
+        if key_valid is not None:
+            state = torch.zeros_like(like)
+            for row, valid in enumerate(key_valid):
+                state[row, valid] = self._random_state((1, int(valid.sum()), like.shape[-1]), like, seed)[0]
+            return state
+        return self._random_state(tuple(like.shape), like, seed)
+
+    def _random_state(self, shape: tuple[int, ...], like: torch.Tensor, seed: int) -> torch.Tensor:
         gen = torch.Generator(device=like.device).manual_seed(int(seed))
         std = float(self.cfg.state_init_std)  # type: ignore[arg-type]
-        x = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+        x = torch.empty(shape, dtype=torch.float32, device=like.device)
         nn.init.trunc_normal_(x, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=gen)
         return (x * self.cfg.state_init_scale).to(like.dtype)
 
@@ -597,6 +707,9 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         input: Int[torch.Tensor, "batch pos"] | Float[torch.Tensor, "batch pos d_model"] | str | list[str],
         return_type: ReturnType = "logits",
         loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
         *,
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
@@ -616,6 +729,14 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
                 ``start_at_layer``, the residual stream entering that layer ``[batch, pos, d_model]``.
             return_type: ``"logits"``, ``"loss"``, ``"both"`` (``(logits, loss)``) or ``None``.
             loss_per_token: return the per-token loss ``[batch, pos - 1]``.
+            prepend_bos: with text input, put the BOS token first (default
+                ``cfg.default_prepend_bos``).
+            padding_side: with a batch of texts, pad on this side (default: the tokenizer's).
+            attention_mask: ``[batch, pos]``, 1 on real tokens and 0 on padding (computed from
+                the tokenizer for a padded batch of texts). Padding is never attended to, real
+                tokens keep the positions they would have unpadded (left padding shifts them),
+                and padding is left out of the loss: real positions get the logits of an
+                unpadded run.
             start_at_layer: start at effective layer ``k`` from ``input`` (TransformerLens
                 semantics). A layer inside or after the loop needs what the rest of the pass
                 reads besides the stream: ``prelude_out`` (injected at every later step),
@@ -638,14 +759,14 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
             if n_steps != self.cfg.n_steps:
                 with self.steps(n_steps, force):
                     return self.forward(
-                        input, return_type, loss_per_token, start_at_layer=start_at_layer, stop_at_layer=stop_at_layer,
-                        tokens=tokens, state=state, prelude_out=prelude_out, inner_state=inner_state,
-                        init_state=init_state, init_seed=init_seed,
+                        input, return_type, loss_per_token, prepend_bos, padding_side, attention_mask,
+                        start_at_layer=start_at_layer, stop_at_layer=stop_at_layer, tokens=tokens, state=state,
+                        prelude_out=prelude_out, inner_state=inner_state, init_state=init_state, init_seed=init_seed,
                     )
         self._check_no_hidden_hooks()
         program = self.program
         if start_at_layer is None:
-            tokens = self._validate_tokens(input)
+            tokens, attention_mask = self._input_tokens(input, prepend_bos, padding_side, attention_mask)
             frame = RunFrame(0)
             start = 0
         else:
@@ -654,13 +775,14 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
             frame = self._start_frame(input, first, state, prelude_out, inner_state)
             if tokens is not None:
                 tokens = self._validate_tokens(tokens)
+            attention_mask = self._check_attention_mask(attention_mask, tuple(input.shape[:2]))
         stop = None
         if stop_at_layer is not None:
             stop = program.block_position(self._layer_arg(stop_at_layer, "stop_at_layer", allow_end=True))
             if stop < start:
                 raise InputError(f"stop_at_layer={stop_at_layer} comes before start_at_layer={start_at_layer}")
         self._execute(tokens, frame=frame, start=start, stop=stop, init_state=init_state, init_seed=init_seed,
-                      started_at=start_at_layer)
+                      started_at=start_at_layer, attention_mask=attention_mask)
         if stop is not None:
             return frame.x
         logits = frame.x
@@ -674,11 +796,19 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
             raise InputError(
                 f"a loss needs at least 2 tokens per sequence (each position predicts the next), got {tokens.shape[1]}"
             )
-        loss = lm_cross_entropy_loss(logits, tokens, per_token=loss_per_token)
+        if attention_mask is not None and not bool((attention_mask[:, :-1] & attention_mask[:, 1:]).any()):
+            raise InputError("a loss needs two consecutive real tokens in some row; the attention_mask leaves none")
+        loss = lm_cross_entropy_loss(logits, tokens, attention_mask=attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
     def run_to_layer(
-        self, input: Any, layer: int, *, init_state: torch.Tensor | None = None, init_seed: int | None = None
+        self,
+        input: Any,
+        layer: int,
+        *,
+        init_state: torch.Tensor | None = None,
+        init_seed: int | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> RunFrame:
         """The live variables of the pass entering effective layer ``layer`` (a ``RunFrame``:
         ``x``, ``state``, ``inner_state``, ``prelude_out``), hooks firing up to there: what
@@ -686,8 +816,9 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         inner_state=frame.inner_state)`` continues from."""
         n = self._layer_arg(layer, "layer", allow_end=False)
         self._check_no_hidden_hooks()
-        frame = self._execute(self._validate_tokens(input), stop=self.program.block_position(n),
-                              init_state=init_state, init_seed=init_seed)
+        tokens, attention_mask = self._input_tokens(input, None, None, attention_mask)
+        frame = self._execute(tokens, stop=self.program.block_position(n), init_state=init_state,
+                              init_seed=init_seed, attention_mask=attention_mask)
         frame.index = n
         return frame
 
@@ -724,14 +855,16 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         on_block: Callable[[RunFrame], None] | None = None,
         on_op: Callable[[int, RunFrame], None] | None = None,
         started_at: int | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> RunFrame:
         """Interpret ``program[start:stop]`` on ``frame`` (a fresh one from the tokens by default;
         a frame that carries its stream may come without tokens)."""
         frame = RunFrame(0) if frame is None else frame
         x = frame.x if frame.x is not None else tokens
         assert x is not None, "a pass needs tokens or a stream"
-        run = Forward(self, tokens, self._rotary(x.shape[1], x.device), init_state=init_state,
-                      init_seed=init_seed, on_block=on_block, on_op=on_op, started_at=started_at)
+        run = Forward(self, tokens, self.attention_context(x.shape[1], x.device, attention_mask),
+                      init_state=init_state, init_seed=init_seed, on_block=on_block, on_op=on_op,
+                      started_at=started_at)
         run.run(self.program, frame, start, stop)
         return frame
 

@@ -14,21 +14,29 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 
 from tl_loop.errors import UnsupportedError
 from tl_loop.execution import HookFree
 from tl_loop.program import RunFrame
 
 
-def read_out(model: Any, states: Float[torch.Tensor, "... pos d_model"]) -> Float[torch.Tensor, "... pos d_vocab"]:
+def read_out(
+    model: Any,
+    states: Float[torch.Tensor, "... pos d_model"],
+    attention_mask: Bool[torch.Tensor, "batch pos"] | None = None,
+) -> Float[torch.Tensor, "... pos d_vocab"]:
     """Logits for recurrent states taken at the end of a step (before any loop norm): the
-    program's operations from ``LeaveLoop`` on, run on hook-free modules."""
+    program's operations from ``LeaveLoop`` on, run on hook-free modules. ``attention_mask``:
+    the padding of the pass the states come from (``states``' batch axis is its batch)."""
     lead = states.shape[:-2]
     x = states.reshape(-1, *states.shape[-2:])
+    if attention_mask is not None:
+        attention_mask = attention_mask.repeat(x.shape[0] // attention_mask.shape[0], 1)
     program = model.program
     frame = RunFrame(0, state=x)
-    HookFree(model, model._rotary(x.shape[1], x.device)).run(program, frame, program.position("leave_loop"))
+    context = model.attention_context(x.shape[1], x.device, attention_mask)
+    HookFree(model, context).run(program, frame, program.position("leave_loop"))
     return frame.x.reshape(*lead, *x.shape[1:-1], -1)
 
 
@@ -56,7 +64,12 @@ def step_states(model: Any, tokens: Any, **forward_kwargs: Any) -> Float[torch.T
 @torch.no_grad()
 def step_logits(model: Any, tokens: Any, **forward_kwargs: Any) -> Float[torch.Tensor, "step batch pos d_vocab"]:
     """Logits when leaving the loop after each step, ``[n_steps, batch, pos, d_vocab]``."""
-    return read_out(model, step_states(model, tokens, **forward_kwargs))
+    tokens, mask = model._input_tokens(
+        tokens, forward_kwargs.pop("prepend_bos", None), forward_kwargs.pop("padding_side", None),
+        forward_kwargs.pop("attention_mask", None),
+    )
+    states = step_states(model, tokens, attention_mask=mask, **forward_kwargs)
+    return read_out(model, states, mask)
 
 
 def exit_gate_logits(model: Any, tokens: Any, **forward_kwargs: Any) -> Float[torch.Tensor, "step batch pos"]:

@@ -10,6 +10,20 @@ Hook points of one application (TransformerLens names)::
     hook_gate               [batch, pos, head, d_head]      sigmoid output gate (HRM only)
     hook_z                  [batch, pos, head, d_head]      gated where the family gates
     hook_result             [batch, pos, head, d_model]     only with cfg.use_attn_result
+    hook_q_input, hook_k_input, hook_v_input
+                            [batch, pos, (kv_)head, d_model]  only with cfg.use_split_qkv_input
+    hook_attn_in            [batch, pos, head, d_model]     only with cfg.use_attn_in
+
+With ``cfg.use_split_qkv_input`` / ``cfg.use_attn_in`` the block hands the attention one input
+per head (TransformerLens's ``hook_q_input`` / ``hook_k_input`` / ``hook_v_input`` or
+``hook_attn_in``, ``[batch, pos, head, d_model]``, fired by the block on the residual stream
+before ``ln1``) and each head projects its own copy.
+
+What a pass gives every attention layer besides its input is an ``AttentionContext``: RoPE tables
+at the tokens' positions, which keys are real (padding), and, while decoding, the layer's KV
+slot (``KVSlot``: past keys and values). Query ``i`` of ``n_q`` new positions sits at key index
+``n_k - n_q + i`` and sees the valid keys up to there (and always itself, so a padding query
+never has an empty row).
 
 When nothing is attached to ``hook_attn_scores`` or ``hook_pattern`` the pattern is never
 materialised and PyTorch's fused scaled-dot-product attention runs instead.
@@ -17,15 +31,17 @@ materialised and PyTorch's fused scaled-dot-product attention runs instead.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Protocol
 
 import einops
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 
-from tl_loop.components.base import LoopHookPoint, WeightView, has_hooks, split_projections
+from tl_loop.components.base import LoopHookPoint, WeightView, has_hooks, set_present, split_projections
 from tl_loop.components.norm import HookedNorm, NormWeights
 from tl_loop.components.rotary import RotaryTables, apply_rotary_tables
 from tl_loop.config import LoopedConfig
@@ -47,6 +63,66 @@ def causal_mask_bias(n_pos: int, dtype: torch.dtype, device: torch.device) -> Fl
             mask = torch.full((n_pos, n_pos), float("-inf"), dtype=dtype, device=device).triu_(1)
         _MASKS[key] = mask
     return mask
+
+
+class KVSlot(Protocol):
+    """One effective layer's key-value memory while decoding (see ``tl_loop.generation``)."""
+
+    def update(
+        self, k: Float[torch.Tensor, "batch pos kv_head d_head"], v: Float[torch.Tensor, "batch pos kv_head d_head"]
+    ) -> tuple[torch.Tensor, torch.Tensor, Bool[torch.Tensor, "batch key_pos"] | None]:
+        """Store this pass's (rotated) keys and values; return every key and value the layer
+        attends to, past then new ``[batch, key_pos, kv_head, d_head]``, and which key positions
+        hold an entry (None: all)."""
+        ...
+
+
+@dataclasses.dataclass
+class AttentionContext:
+    """What one pass gives every attention layer besides its input.
+
+    ``rotary``: RoPE tables at the query positions (``[pos, 1, rot]``, or ``[batch, pos, 1, rot]``
+    with per-row positions); ``key_valid``: ``[batch, key_pos]``, False on padding (None: every
+    key is real); ``positions``: the tokens' positions ``[batch, pos]`` (None: ``0..pos-1``);
+    ``kv``: the layer's ``KVSlot`` while decoding.
+    """
+
+    rotary: RotaryTables | None = None
+    key_valid: Bool[torch.Tensor, "batch key_pos"] | None = None
+    positions: Int[torch.Tensor, "batch pos"] | None = None
+    kv: KVSlot | None = None
+    _bias_memo: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def bias(
+        self, n_q: int, n_k: int, key_valid: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+    ) -> Float[torch.Tensor, "batch 1 query_pos key_pos"] | None:
+        """The additive mask (0 / -inf) for ``n_q`` queries over ``n_k`` keys, or None where
+        plain causal attention is exact (no padding, as many keys as queries). Built once per
+        pass and shape."""
+        if key_valid is None and n_q == n_k:
+            return None
+        key = (n_q, n_k, dtype, None if key_valid is None else id(key_valid))
+        memo = self._bias_memo.get(key)
+        if memo is None or memo[0] is not key_valid:
+            valid = key_valid if key_valid is not None else torch.ones(1, n_k, dtype=torch.bool, device=device)
+            memo = (key_valid, attention_bias(n_q, valid, dtype, device))
+            if len(self._bias_memo) >= 4:
+                self._bias_memo.clear()
+            self._bias_memo[key] = memo
+        return memo[1]
+
+
+def attention_bias(
+    n_q: int, key_valid: Bool[torch.Tensor, "batch key_pos"], dtype: torch.dtype, device: torch.device
+) -> Float[torch.Tensor, "batch 1 query_pos key_pos"]:
+    """Causal + padding mask: query ``i`` (key index ``n_k - n_q + i``) sees the valid keys up
+    to its own index, and always itself."""
+    n_k = key_valid.shape[-1]
+    q_index = torch.arange(n_k - n_q, n_k, device=device)[:, None]
+    k_index = torch.arange(n_k, device=device)[None, :]
+    allowed = ((k_index <= q_index) & key_valid.to(device=device, dtype=torch.bool)[:, None, :]) | (k_index == q_index)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    return bias[:, None]
 
 
 class AttentionWeights(nn.Module):
@@ -100,11 +176,16 @@ class HookedAttention(WeightView):
         if cfg.attn_output_gate:
             self.hook_gate = LoopHookPoint()  # [batch, pos, head, d_head]
         self.hook_z = LoopHookPoint()  # [batch, pos, head, d_head]
-        if cfg.use_attn_result:
-            self.hook_result = LoopHookPoint()  # [batch, pos, head, d_model]
+        # Hook points that exist while a TransformerLens flag is on (see show_flagged_hooks):
+        self.hook_result = LoopHookPoint()  # [batch, pos, head, d_model]      use_attn_result
+        self.hook_q_input = LoopHookPoint()  # [batch, pos, head, d_model]     use_split_qkv_input
+        self.hook_k_input = LoopHookPoint()  # [batch, pos, kv_head, d_model]  use_split_qkv_input
+        self.hook_v_input = LoopHookPoint()  # [batch, pos, kv_head, d_model]  use_split_qkv_input
+        self.hook_attn_in = LoopHookPoint()  # [batch, pos, head, d_model]     use_attn_in
         if cfg.qk_norm:
             self.q_norm = HookedNorm(weights.q_norm, cfg.norm_type, cfg.eps)
             self.k_norm = HookedNorm(weights.k_norm, cfg.norm_type, cfg.eps)
+        show_flagged_hooks(self, cfg)
 
     # ---- TransformerLens weight views ([head, d_model, d_head] etc.) ----
     def _heads_in(self, w: torch.Tensor) -> torch.Tensor:
@@ -163,39 +244,66 @@ class HookedAttention(WeightView):
         else:  # separate matrices, or row blocks of the fused one (views, no copy)
             w_q, w_k, w_v = w.qkv_weights()
             q, k, v = F.linear(x, w_q, w.b_q), F.linear(x, w_k, w.b_k), F.linear(x, w_v, w.b_v)
-        if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
+
+    def _project_per_head(
+        self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each head projects its own copy of the input (``[batch, pos, head, d_model]``):
+        ``[batch, pos, head * d_head]`` results, as ``_project`` returns."""
+        w, d_head = self.weights, self.cfg.d_head
+        out = []
+        for x, weight, bias in zip(inputs, w.qkv_weights(), (w.b_q, w.b_k, w.b_v)):
+            heads = weight.view(x.shape[2], d_head, x.shape[3])  # [head, d_head, d_model]
+            y = torch.einsum("bphm,hdm->bphd", x, heads).flatten(-2)
+            out.append(y if bias is None else y + bias)
+        return out[0], out[1], out[2]
 
     def forward(
         self,
-        x: Float[torch.Tensor, "batch pos d_model"],
-        rotary: RotaryTables | None,
+        x: Float[torch.Tensor, "batch pos d_model"] | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        context: AttentionContext | None = None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """``x``: the (normed) input, or one input per head for q, k and v
+        (``[batch, pos, head, d_model]``, see the module docstring)."""
         cfg = self.cfg
-        batch, n_pos, _ = x.shape
-        q, k, v = self._project(x)
+        context = context if context is not None else AttentionContext()
+        per_head = isinstance(x, tuple)
+        q, k, v = self._project_per_head(x) if per_head else self._project(x)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        batch, n_pos = q.shape[:2]
         q = self.hook_q(q.view(batch, n_pos, cfg.n_heads, cfg.d_head))
         k = self.hook_k(k.view(batch, n_pos, -1, cfg.d_head))
         v = self.hook_v(v.view(batch, n_pos, -1, cfg.d_head))
-        if rotary is not None:
-            q, k = apply_rotary_tables(q, rotary), apply_rotary_tables(k, rotary)
+        if context.rotary is not None:
+            q, k = apply_rotary_tables(q, context.rotary), apply_rotary_tables(k, context.rotary)
         q, k = self.hook_rot_q(q), self.hook_rot_k(k)
+        key_valid = context.key_valid
+        if context.kv is not None:
+            k, v, from_slot = context.kv.update(k, v)
+            key_valid = from_slot if from_slot is not None else key_valid
+        n_keys = k.shape[1]
+        bias = context.bias(n_pos, n_keys, key_valid, q.dtype, q.device)
         scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.d_head)
 
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d]
         if has_hooks(self.hook_attn_scores) or has_hooks(self.hook_pattern):
             kh_full = kh.repeat_interleave(cfg.n_groups, dim=1) if cfg.n_groups > 1 else kh
             vh_full = vh.repeat_interleave(cfg.n_groups, dim=1) if cfg.n_groups > 1 else vh
-            # scale * q k^T + causal mask (0 / -inf) in one batched GEMM: the same values as
+            # scale * q k^T + mask (0 / -inf) in one batched GEMM: the same values as
             # (q @ k^T) * scale followed by masked_fill, without two more passes over the scores.
             heads = batch * cfg.n_heads
+            if bias is None:
+                mask = causal_mask_bias(n_pos, q.dtype, q.device)
+            else:
+                mask = bias.expand(batch, cfg.n_heads, n_pos, n_keys).reshape(heads, n_pos, n_keys)
             scores = torch.baddbmm(
-                causal_mask_bias(n_pos, q.dtype, x.device),
+                mask,
                 qh.reshape(heads, n_pos, cfg.d_head),
-                kh_full.reshape(heads, n_pos, cfg.d_head).transpose(1, 2),
+                kh_full.reshape(heads, n_keys, cfg.d_head).transpose(1, 2),
                 alpha=scale,
-            ).view(batch, cfg.n_heads, n_pos, n_pos)
+            ).view(batch, cfg.n_heads, n_pos, n_keys)
             scores = self.hook_attn_scores(scores)
             if q.dtype == torch.float32:
                 probs = torch.softmax(scores, dim=-1)
@@ -203,22 +311,48 @@ class HookedAttention(WeightView):
                 probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             pattern = self.hook_pattern(probs)
             zh = torch.matmul(pattern, vh_full)
-        elif cfg.n_groups > 1 and not _SDPA_HAS_GQA:
-            rep = cfg.n_groups
-            zh = F.scaled_dot_product_attention(
-                qh, kh.repeat_interleave(rep, 1), vh.repeat_interleave(rep, 1), is_causal=True, scale=scale
-            )
         else:
-            extra = {"enable_gqa": True} if cfg.n_groups > 1 else {}
-            zh = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, **extra)
+            causal = {"is_causal": True} if bias is None else {"attn_mask": bias}
+            if cfg.n_groups > 1 and not _SDPA_HAS_GQA:
+                kh, vh = kh.repeat_interleave(cfg.n_groups, 1), vh.repeat_interleave(cfg.n_groups, 1)
+            extra = {"enable_gqa": True} if cfg.n_groups > 1 and _SDPA_HAS_GQA else {}
+            zh = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, **causal, **extra)
         z = zh.transpose(1, 2)  # [batch, pos, head, d_head]
         if cfg.attn_output_gate:
-            assert self.weights.w_gate is not None
-            gate = torch.sigmoid(F.linear(x, self.weights.w_gate).view(batch, n_pos, cfg.n_heads, cfg.d_head))
-            z = self.hook_gate(gate) * z
+            z = self.hook_gate(self._gate(x, batch, n_pos)) * z
         z = self.hook_z(z)
         if cfg.use_attn_result:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
             out = result.sum(dim=-2)
             return out + self.weights.b_o if self.weights.b_o is not None else out
         return F.linear(z.reshape(batch, n_pos, cfg.n_heads * cfg.d_head), self.weights.w_o, self.weights.b_o)
+
+    def _gate(self, x: torch.Tensor | tuple[torch.Tensor, ...], batch: int, n_pos: int) -> torch.Tensor:
+        """HRM's output gate ``sigmoid(x W_gate)`` per head dim; with per-head inputs each head
+        gates with its query input."""
+        w_gate = self.weights.w_gate
+        assert w_gate is not None
+        cfg = self.cfg
+        if isinstance(x, tuple):
+            heads = w_gate.view(cfg.n_heads, cfg.d_head, cfg.d_model)
+            return torch.sigmoid(torch.einsum("bphm,hdm->bphd", x[0], heads))
+        return torch.sigmoid(F.linear(x, w_gate).view(batch, n_pos, cfg.n_heads, cfg.d_head))
+
+
+#: Hook points that exist while a TransformerLens config flag is on: (module attribute, flag).
+FLAGGED_HOOKS = {
+    "hook_result": "use_attn_result",
+    "hook_q_input": "use_split_qkv_input",
+    "hook_k_input": "use_split_qkv_input",
+    "hook_v_input": "use_split_qkv_input",
+    "hook_attn_in": "use_attn_in",
+    "hook_mlp_in": "use_hook_mlp_in",
+}
+
+
+def show_flagged_hooks(module: nn.Module, cfg: LoopedConfig) -> None:
+    """Show the flagged hook points of ``module`` whose flag is on, hide the others (hidden
+    points keep their hooks, see ``set_present``)."""
+    for name, flag in FLAGGED_HOOKS.items():
+        if name in module._modules or name in module.__dict__.get("_hidden_children", {}):
+            set_present(module, name, bool(getattr(cfg, flag, False)))

@@ -10,6 +10,7 @@ Hook points of the block itself (sub-module hooks are listed in their files)::
     hook_resid_pre   [batch, pos, d_model]
     hook_attn_out    [batch, pos, d_model]   what attention adds (after ln1_post where present)
     hook_resid_mid   [batch, pos, d_model]   (after ln_resid_mid where present)
+    hook_mlp_in      [batch, pos, d_model]   the MLP half's input, before ln2 (cfg.use_hook_mlp_in)
     hook_mlp_out     [batch, pos, d_model]   (after ln2_post where present)
     hook_resid_post  [batch, pos, d_model]   (after ln_resid_post where present)
 """
@@ -20,11 +21,10 @@ import torch
 import torch.nn as nn
 from jaxtyping import Float
 
-from tl_loop.components.attention import AttentionWeights, HookedAttention
+from tl_loop.components.attention import AttentionContext, AttentionWeights, HookedAttention, show_flagged_hooks
 from tl_loop.components.base import LoopHookPoint, WeightView
 from tl_loop.components.mlp import HookedMLP, MLPWeights
 from tl_loop.components.norm import HookedNorm, NormWeights
-from tl_loop.components.rotary import RotaryTables
 from tl_loop.config import LoopedConfig
 
 #: Norm slots of a block and the config flag that enables each.
@@ -69,21 +69,45 @@ class HookedBlock(WeightView):
         self.attn = HookedAttention(weights.attn, cfg)
         self.hook_attn_out = LoopHookPoint()  # [batch, pos, d_model]
         self.hook_resid_mid = LoopHookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_in = LoopHookPoint()  # [batch, pos, d_model] (cfg.use_hook_mlp_in)
         self.mlp = HookedMLP(weights.mlp, cfg)
         self.hook_mlp_out = LoopHookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = LoopHookPoint()  # [batch, pos, d_model]
+        show_flagged_hooks(self, cfg)
 
     def _norm(self, slot: str, x: torch.Tensor) -> torch.Tensor:
         norm = self._modules.get(slot)
         return x if norm is None else norm(x)
 
+    def refresh_flagged_hooks(self) -> None:
+        """Show exactly the hook points whose TransformerLens flag (``cfg.use_*``) is on."""
+        show_flagged_hooks(self, self.cfg)
+        show_flagged_hooks(self.attn, self.cfg)
+
+    def _attn_input(self, resid_pre: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention's input: ``ln1(resid_pre)``, or with ``use_split_qkv_input`` /
+        ``use_attn_in`` one copy of ``resid_pre`` per head through its hook, each normed."""
+        cfg, attn = self.cfg, self.attn
+        if not (cfg.use_split_qkv_input or cfg.use_attn_in):
+            return self._norm("ln1", resid_pre)
+
+        def per_head(hook: nn.Module, n_heads: int) -> torch.Tensor:
+            return self._norm("ln1", hook(resid_pre.unsqueeze(2).expand(-1, -1, n_heads, -1)))
+
+        if cfg.use_split_qkv_input:
+            kv = cfg.n_key_value_heads
+            return per_head(attn.hook_q_input, cfg.n_heads), per_head(attn.hook_k_input, kv), per_head(attn.hook_v_input, kv)
+        shared = per_head(attn.hook_attn_in, cfg.n_heads)
+        return shared, shared, shared
+
     def forward(
         self,
         resid_pre: Float[torch.Tensor, "batch pos d_model"],
-        rotary: RotaryTables | None = None,
+        context: AttentionContext | None = None,
     ) -> Float[torch.Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self._norm("ln1_post", self.attn(self._norm("ln1", resid_pre), rotary)))
+        attn_out = self.hook_attn_out(self._norm("ln1_post", self.attn(self._attn_input(resid_pre), context)))
         resid_mid = self.hook_resid_mid(self._norm("ln_resid_mid", resid_pre + attn_out))
-        mlp_out = self.hook_mlp_out(self._norm("ln2_post", self.mlp(self._norm("ln2", resid_mid))))
+        mlp_in = self.hook_mlp_in(resid_mid) if self.cfg.use_hook_mlp_in else resid_mid
+        mlp_out = self.hook_mlp_out(self._norm("ln2_post", self.mlp(self._norm("ln2", mlp_in))))
         return self.hook_resid_post(self._norm("ln_resid_post", resid_mid + mlp_out))

@@ -27,7 +27,12 @@ class PosEmbedding(nn.Module):
         super().__init__()
         self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model, dtype=cfg.dtype))  # [n_ctx, d_model]
 
-    def forward(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
+    def forward(
+        self, tokens: Int[torch.Tensor, "batch pos"], positions: Int[torch.Tensor, "batch pos"] | None = None
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        """The embedding of each token's position (``0..pos-1``, or ``positions`` with padding)."""
+        if positions is not None:
+            return self.W_pos[positions]
         return self.W_pos[: tokens.shape[1]].unsqueeze(0).expand(tokens.shape[0], -1, -1)
 
 
