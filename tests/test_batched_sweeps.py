@@ -83,6 +83,19 @@ def test_batch_sizes_agree(batch_size):
     torch.testing.assert_close(got, expected, **TOL)
 
 
+@pytest.mark.parametrize("variant", ["huginn_like", "ouro_like"])
+@pytest.mark.parametrize("name", ["get_act_patch_attn_head_v_by_pos", "get_act_patch_attn_head_pattern_dest_src_pos"])
+def test_runs_from_their_position_on(name, variant):
+    """Five positions: passes that start at a later position (the keys and values before it are
+    the corrupted run's, RoPE at the right positions), mixed positions within a pass."""
+    reference, batched = SWEEPS[name]
+    model, corrupted, clean_cache, metric, _ = setup(variant, n_pos=5)
+    expected = reference(model, corrupted, clean_cache, metric)
+    for batch_size in (1, 7):
+        got = batched(model, corrupted, clean_cache, metric, batch_size, verbose=False)
+        torch.testing.assert_close(got, expected, **TOL)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_loop_sweeps_equal_their_twins(variant):
     """The cycle sweep (a layer patched at every step in one run) and the state sweep."""

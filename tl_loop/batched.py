@@ -10,6 +10,11 @@ what ``evaluate(logits)`` gives for every cell, as if each cell had been run alo
   hooks can differ from the unpatched corrupted run. One unpatched pass records the live frame
   (``tl_loop.program.RunFrame``: residual stream, recurrent state, prelude output, HRM's inner
   state) before every operation where some cell diverges; the cell starts there.
+* **No recomputation of earlier positions.** A cell that promises to change nothing before
+  position ``p`` (``Cell.pos``) runs only positions from ``p`` on (the pass's least ``p``): its
+  queries attend to the corrupted run's keys and values of the earlier positions, recorded once
+  per layer and handed in through the attention context's KV slot; the logits of the earlier
+  positions are the corrupted run's.
 * **Many cells per pass.** Cells are sorted by where they diverge and run ``batch_size`` at a
   time, stacked along the batch axis: a pass starts at its first cell's operation and the others
   join it at theirs (``Forward``'s ``on_op`` callback appends their rows), so every copy runs
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tl_loop.components.attention import AttentionContext
 from tl_loop.errors import InputError
 from tl_loop.program import RunFrame
 
@@ -42,9 +48,16 @@ CPU_ROWS = 2048
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One patched run: the hooks ``(hook_name, fn)`` it adds to the corrupted run."""
+    """One patched run: the hooks ``(hook_name, fn)`` it adds to the corrupted run.
+
+    ``pos > 0`` promises that the patch changes nothing at positions before ``pos`` (attention
+    is causal): the run may then compute only positions ``start..`` for some ``start <= pos``,
+    and its hook functions are called as ``fn(activation, hook, start)`` with the activation of
+    those positions only (query positions, for an attention pattern).
+    """
 
     hooks: tuple[tuple[str, HookFn], ...]
+    pos: int = 0
 
 
 def _positions(model: Any, tokens: torch.Tensor, names: set[str]) -> dict[str, int]:
@@ -139,27 +152,55 @@ def run_cells(
         if position == enter + 1:  # the initial state, drawn for the corrupted batch
             first_state.append(frame.state)
 
-    corrupted_logits = model._execute(tokens, on_op=record).x
+    keys: dict[int, dict[str, torch.Tensor]] = {}  # layer -> rotated keys and values of the corrupted run
+
+    def keep(x: torch.Tensor, hook: Any) -> None:
+        keys.setdefault(int(hook.name.split(".")[1]), {})[hook.name.rsplit("_", 1)[-1]] = x
+
+    suffix = any(cell.pos > 0 for cell in cells)
+    kv_hooks = [(n, keep) for n in model.hook_dict if n.endswith(("attn.hook_rot_k", "attn.hook_v"))] if suffix else []
+    with model.hooks(fwd_hooks=kv_hooks):
+        corrupted_logits = model._execute(tokens, on_op=record).x
     random_state = model.cfg.state_init == "random" and bool(first_state)
 
     if batch_size is None:
         materialised = any(n.endswith(("hook_pattern", "hook_attn_scores")) for n in names)
         batch_size = default_batch_size(model, batch, n_pos, materialised)
-    order = sorted(range(len(cells)), key=lambda c: joins[c])
+    order = sorted(range(len(cells)), key=lambda c: (cells[c].pos, joins[c]))
     values: list[torch.Tensor | None] = [None] * len(cells)
     with tqdm(total=len(cells), desc=desc, disable=not verbose) as bar:
         for first in range(0, len(order), batch_size):
-            chunk = order[first : first + batch_size]
+            chunk = sorted(order[first : first + batch_size], key=lambda c: joins[c])
+            offset = 0 if joins[chunk[0]] == 0 else min(cells[c].pos for c in chunk)
             logits = _run_pass(model, tokens, cells, joins, chunk, frames,
-                               first_state[0] if random_state else None, enter)
+                               first_state[0] if random_state else None, enter, offset, keys)
             for k, c in enumerate(chunk):
-                values[c] = evaluate(logits[k * batch : (k + 1) * batch])
+                rows = logits[k * batch : (k + 1) * batch]
+                if offset:
+                    rows = torch.cat([corrupted_logits[:, :offset], rows], dim=1)
+                values[c] = evaluate(rows)
             bar.update(len(chunk))
     return values, corrupted_logits  # type: ignore[return-value]
 
 
-def _stack(frame: RunFrame, n: int) -> RunFrame:
-    return frame.map(lambda t: t.repeat(n, *([1] * (t.ndim - 1))))
+class _PrefixKV:
+    """A KV slot handing every layer the corrupted run's keys and values of the positions
+    before the pass's first one, in front of the pass's own (``layer`` is set as blocks run)."""
+
+    def __init__(self, keys: dict[int, dict[str, torch.Tensor]], offset: int) -> None:
+        self.prefix = {layer: (kv["k"][:, :offset], kv["v"][:, :offset]) for layer, kv in keys.items()}
+        self.layer = -1
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pk, pv = self.prefix[self.layer]
+        copies = k.shape[0] // pk.shape[0]
+        return (torch.cat([pk.repeat(copies, 1, 1, 1), k], dim=1),
+                torch.cat([pv.repeat(copies, 1, 1, 1), v], dim=1), None)
+
+
+def _stack(frame: RunFrame, n: int, offset: int = 0) -> RunFrame:
+    """``n`` copies of ``frame`` along the batch axis, positions from ``offset`` on."""
+    return frame.map(lambda t: t[:, offset:].repeat(n, *([1] * (t.ndim - 1))))
 
 
 def _run_pass(
@@ -171,23 +212,37 @@ def _run_pass(
     frames: dict[int, RunFrame],
     first_state: torch.Tensor | None,
     enter: int,
+    offset: int,
+    keys: dict[int, dict[str, torch.Tensor]],
 ) -> torch.Tensor:
-    """One stacked pass over the cells ``chunk`` (sorted by where they join): logits, one block
-    of ``batch`` rows per cell in chunk order."""
+    """One stacked pass over the cells ``chunk`` (sorted by where they join), positions from
+    ``offset`` on: logits, one block of ``batch`` rows per cell in chunk order."""
     batch = int(tokens.shape[0])
     groups: dict[int, int] = {}
     for c in chunk:
         groups[joins[c]] = groups.get(joins[c], 0) + 1
     start = joins[chunk[0]]
-    by_name: dict[str, list[tuple[int, int, HookFn]]] = {}
+    by_name: dict[str, list[tuple[int, int, HookFn, bool]]] = {}
     for k, c in enumerate(chunk):
         for name, fn in cells[c].hooks:
-            by_name.setdefault(name, []).append((k * batch, (k + 1) * batch, fn))
+            by_name.setdefault(name, []).append((k * batch, (k + 1) * batch, fn, cells[c].pos > 0))
+    context = None
+    slot = None
+    if offset:
+        slot = _PrefixKV(keys, offset)
+        full = model.attention_context(int(tokens.shape[1]), tokens.device)
+        rotary = full.rotary
+        if rotary is not None:
+            rotary = rotary._replace(cos=rotary.cos[offset:], sin_signed=rotary.sin_signed[offset:])
+        context = AttentionContext(rotary=rotary, kv=slot)
+    program = model.program
 
     def join(position: int, f: RunFrame) -> None:
+        if slot is not None and program[position].kind == "block":
+            slot.layer = program[position].index
         if position == start or position not in groups:
             return
-        new = _stack(frames[position], groups[position])
+        new = _stack(frames[position], groups[position], offset)
         for name in RunFrame.TENSORS:
             have, more = getattr(f, name), getattr(new, name)
             if (have is None) != (more is None):
@@ -198,22 +253,22 @@ def _run_pass(
     init_state = None
     if first_state is not None and start <= enter:  # the pass draws the initial state: as each run
         through = sum(n for position, n in groups.items() if position <= enter)
-        init_state = first_state.repeat(through, *([1] * (first_state.ndim - 1)))
+        init_state = first_state[:, offset:].repeat(through, *([1] * (first_state.ndim - 1)))
     n_start = groups[start]
     run_tokens = tokens.repeat(n_start, 1) if start == 0 else tokens
-    hooks = [(name, _rows_hook(entries)) for name, entries in by_name.items()]
+    hooks = [(name, _rows_hook(entries, offset)) for name, entries in by_name.items()]
     with model.hooks(fwd_hooks=hooks):
-        return model._execute(run_tokens, frame=_stack(frames[start], n_start), start=start,
-                              init_state=init_state, on_op=join).x
+        return model._execute(run_tokens, frame=_stack(frames[start], n_start, offset), start=start,
+                              init_state=init_state, on_op=join, context=context).x
 
 
-def _rows_hook(entries: list[tuple[int, int, HookFn]]) -> HookFn:
+def _rows_hook(entries: list[tuple[int, int, HookFn, bool]], offset: int) -> HookFn:
     """A hook applying each cell's own hook to that cell's rows of the stacked activation."""
 
     def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-        for lo, hi, fn in entries:
+        for lo, hi, fn, shifted in entries:
             rows = activation[lo:hi]
-            out = fn(rows, hook)
+            out = fn(rows, hook, offset) if shifted else fn(rows, hook)
             if out is not None and out is not rows:
                 activation[lo:hi] = out
         return activation

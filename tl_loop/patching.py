@@ -738,9 +738,37 @@ def _tokens(base: Any, corrupted_tokens: Any) -> torch.Tensor:
     return base._validate_tokens(corrupted_tokens)
 
 
+#: TransformerLens's patch setters that patch one (query) position: the entry of ``index``
+#: holding it and the activation's axis of query positions. Their cells run from that
+#: position on; any other setter's cells run every position.
+_POSITION_SETTERS = {
+    "layer_pos_patch_setter": (1, 1),
+    "layer_pos_head_vector_patch_setter": (1, 1),
+    "layer_head_pos_pattern_patch_setter": (2, 2),
+    "layer_head_dest_src_pos_pattern_patch_setter": (2, 2),
+}
+
+
+def _position_setter(patch_setter: Any) -> tuple[int, int] | None:
+    from transformer_lens import patching as tl_patching
+
+    for name, where in _POSITION_SETTERS.items():
+        if patch_setter is getattr(tl_patching, name, None):
+            return where
+    return None
+
+
 def _setter_hook(patch_setter: Callable[..., torch.Tensor], index: list[int], clean: torch.Tensor,
-                 activation: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-    """TransformerLens's patching hook: ``patch_setter(activation, index, clean_activation)``."""
+                 where: tuple[int, int] | None, activation: torch.Tensor, hook: HookPoint,
+                 start: int = 0) -> torch.Tensor:
+    """TransformerLens's patching hook: ``patch_setter(activation, index, clean_activation)``;
+    for an activation of positions ``start..`` only, the position and the clean activation are
+    shifted to match."""
+    if start:
+        assert where is not None
+        entry, axis = where
+        index = [*index[:entry], index[entry] - start, *index[entry + 1 :]]
+        clean = clean.narrow(axis, start, clean.shape[axis] - start)
     if clean.shape[1:] != activation.shape[1:] or clean.shape[0] not in (1, activation.shape[0]):
         raise InputError(
             f"clean_cache's {hook.name} has shape {tuple(clean.shape)} but the corrupted run's is "
@@ -846,6 +874,7 @@ def generic_activation_patch_batched(
             flattened = True
         rows = [row.to_list() for _, row in index_df.iterrows()]
         clean: dict[int, tuple[str, torch.Tensor]] = {}  # layer -> (hook name, clean activation)
+        where = _position_setter(patch_setter)
         cells = []
         for index in rows:
             layer = int(index[0])
@@ -855,7 +884,9 @@ def generic_activation_patch_batched(
                 name = f"blocks.{layer}.{_block_suffix(base, activation_name, depth, layer)}"
                 clean[layer] = name, _cached(clean_cache, name, "clean_cache").to(tokens.device)
             name, value = clean[layer]
-            cells.append(Cell(((name, functools.partial(_setter_hook, patch_setter, index, value)),)))
+            pos = int(index[where[0]]) if where is not None else 0
+            hook = functools.partial(_setter_hook, patch_setter, index, value, where)
+            cells.append(Cell(((name, hook),), pos=pos if 0 <= pos < n_pos else 0))
         evaluate = scalar_evaluate(metrics, batch, reduce != "scalar", reduce)
         values, corrupted_logits = run_cells(base, tokens, cells, evaluate, batch_size=batch_size, verbose=verbose,
                                              desc=f"patching {activation_name}")
