@@ -11,14 +11,14 @@ random initial state, norm after the loop; d_model 256, 8 heads x 32, d_mlp 768,
 
 1. **Ratios** (same run, interleaved: the sweeps being compared run in turn in each of
    ``--repeats`` rounds; a ratio is the median of per-round ratios of CPU times). Every effective
-   layer is swept; at 64 and 256 tokens the positions are ``--positions`` random positions (the
+   layer is swept; at 64 and 256 tokens the positions are ``--positions`` evenly spread ones (the
    same cells, as an ``index_df``, for every contender: TransformerLens's
    ``generic_activation_patch``, tl-loop's ``generic_activation_patch_batched``, and nnsight with
    one trace per layer whose batch holds one copy of the prompt per position), so the ratio
-   holds for the full sweep, whose every cell costs the same in TransformerLens. Head sweeps:
-   ``get_act_patch_attn_head_out_all_pos`` (every layer x head) and
-   ``get_act_patch_attn_head_out_by_pos`` at the first of those positions (every layer x head), at
-   the shorter length.
+   holds for the full sweep, whose every cell costs the same in TransformerLens. Head-output
+   sweeps (``hook_z``, TransformerLens's ``layer_head_vector`` / ``layer_pos_head_vector`` setters,
+   i.e. ``get_act_patch_attn_head_out_all_pos`` / ``_by_pos``) over every layer x 2 heads (by
+   position: at the middle position).
 2. **Cost as the work grows**: the full batched ``resid_pre`` sweep (every layer x position) of
    a smaller model (d_model 64) against effective depth (8 -> 128 at 16 tokens) and prompt length
    (16 -> 256 at 8 layers), with the exponent of a least-squares fit of log time on log size.
@@ -70,6 +70,12 @@ def metric(logits: torch.Tensor) -> torch.Tensor:
     return logits[0, -1, 5] - logits[0, -1, 6]
 
 
+def spread(n_pos: int, k: int) -> list[int]:
+    """``k`` positions evenly spread over the prompt: a patch at position ``p`` costs the batched
+    sweep about ``(n_pos - p) / n_pos`` of a full one, so these average like the full sweep."""
+    return [int((i + 0.5) * n_pos / k) for i in range(k)]
+
+
 def cpu_time(fn):
     start = time.process_time()
     out = fn()
@@ -119,11 +125,10 @@ def ratios(args) -> list[tuple[str, float, str]]:
         have_nnsight = True
     except ImportError:
         have_nnsight = False
-    for n_pos in args.lengths:
+    for n_pos in args.lengths if args.ratios else []:
         clean, corrupted = prompts(n_pos)
         _, cache = model.run_with_cache(clean)
-        gen = torch.Generator().manual_seed(1)
-        positions = sorted(torch.randperm(n_pos, generator=gen)[: args.positions].tolist())
+        positions = spread(n_pos, args.positions)
         cells = pd.DataFrame([(layer, p) for layer in range(model.cfg.n_layers) for p in positions],
                              columns=["layer", "pos"])
         setter = tl.layer_pos_patch_setter
@@ -145,25 +150,25 @@ def ratios(args) -> list[tuple[str, float, str]]:
             rows.append((f"resid_pre, {n_pos} tokens: nnsight (one trace per layer) / batched",
                          ratio(times, "nnsight", "batched"),
                          f"nnsight {statistics.median(times['nnsight']):.1f} s, max abs diff to TL {nn_diff:.1e}"))
-        if n_pos == args.lengths[0]:
-            head_fns = {
-                "tl_all_pos": lambda: tl.get_act_patch_attn_head_out_all_pos(model, corrupted, cache, metric),
-                "batched_all_pos": lambda: lp.get_act_patch_attn_head_out_all_pos_batched(model, corrupted, cache, metric,
-                                                                                      verbose=False),
-            }
-            hcells = pd.DataFrame([(layer, p, h) for layer in range(model.cfg.n_layers) for p in positions[:1]
-                                   for h in range(model.cfg.n_heads)], columns=["layer", "pos", "head"])
-            hsetter = tl.layer_pos_head_vector_patch_setter
-            head_fns["tl_pos"] = lambda: tl.generic_activation_patch(model, corrupted, cache, metric, hsetter, "z",
-                                                                     index_df=hcells)
-            head_fns["batched_pos"] = lambda: lp.generic_activation_patch_batched(
-                model, corrupted, cache, metric, hsetter, "z", index_df=hcells, verbose=False)
+        if args.heads:
+            heads = list(range(min(2, model.cfg.n_heads)))
+            all_pos = pd.DataFrame([(layer, h) for layer in range(model.cfg.n_layers) for h in heads],
+                                   columns=["layer", "head"])
+            by_pos = pd.DataFrame([(layer, p, h) for layer in range(model.cfg.n_layers) for p in spread(n_pos, 1)
+                                   for h in heads], columns=["layer", "pos", "head"])
+            head_fns = {}
+            for kind, setter, df in (("all_pos", tl.layer_head_vector_patch_setter, all_pos),
+                                     ("by_pos", tl.layer_pos_head_vector_patch_setter, by_pos)):
+                head_fns[f"tl_{kind}"] = (lambda s=setter, d=df: tl.generic_activation_patch(
+                    model, corrupted, cache, metric, s, "z", index_df=d))
+                head_fns[f"batched_{kind}"] = (lambda s=setter, d=df: lp.generic_activation_patch_batched(
+                    model, corrupted, cache, metric, s, "z", index_df=d, verbose=False))
             with torch.no_grad():
                 times, res = interleaved(head_fns, args.repeats)
-            for kind, n in (("all_pos", model.cfg.n_layers * model.cfg.n_heads), ("pos", len(hcells))):
+            for kind, df in (("all_pos", all_pos), ("by_pos", by_pos)):
                 diff = float((res[f"tl_{kind}"] - res[f"batched_{kind}"]).abs().max())
-                rows.append((f"attn_head_out_{kind if kind == 'all_pos' else 'by_pos'}, {n_pos} tokens ({n} cells): "
-                             "TL / batched", ratio(times, f"tl_{kind}", f"batched_{kind}"),
+                rows.append((f"attn_head_out_{kind}, {n_pos} tokens ({len(df)} cells): TL / batched",
+                             ratio(times, f"tl_{kind}", f"batched_{kind}"),
                              f"TL {statistics.median(times[f'tl_{kind}']):.1f} s, batched "
                              f"{statistics.median(times[f'batched_{kind}']):.1f} s, max abs diff {diff:.1e}"))
     return rows
@@ -206,8 +211,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--positions", type=int, default=2, help="random positions per layer in the ratio sweeps")
     parser.add_argument("--markdown", default=None)
+    parser.add_argument("--lengths", type=int, nargs="*", default=None, help="prompt lengths of the ratio sweeps")
+    parser.add_argument("--no-heads", dest="heads", action="store_false", help="skip the head sweeps")
+    parser.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the cost table")
+    parser.add_argument("--no-ratios", dest="ratios", action="store_false", help="only the cost table")
     args = parser.parse_args()
-    args.lengths = [16, 32] if args.quick else [64, 256]
+    if args.lengths is None:
+        args.lengths = [16, 32] if args.quick else [64, 256]
     args.depth_steps = [1, 3] if args.quick else [1, 3, 7, 15, 31]
     args.scaling_lengths = [16, 32] if args.quick else [16, 32, 64, 128, 256]
     if args.quick:
@@ -224,6 +234,16 @@ def main() -> None:
     for name, value, detail in ratios(args):
         lines.append(f"| {name} | {value:.2f}x | {detail} |")
         print(lines[-1], flush=True)
+    if args.scaling:
+        lines += scaling_table(args)
+    lines.append(f"Load average {os.getloadavg()[0]:.1f} after the run.")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def scaling_table(args) -> list[str]:
+    lines = []
     rows, depth_exp, len_exp = scaling(args)
     lines += ["", "| axis | effective layers | tokens | cells | batched sweep (s CPU) | per cell (ms) |",
               "|---|---|---|---|---|---|"]
@@ -231,11 +251,9 @@ def main() -> None:
         lines.append(f"| {axis} | {layers} | {n_pos} | {layers * n_pos} | {t:.2f} | {1000 * t / (layers * n_pos):.2f} |")
         print(lines[-1], flush=True)
     lines += ["", f"Fitted exponents (time ~ size^k, full sweep of layers x positions): depth k = {depth_exp:.2f}, "
-              f"prompt length k = {len_exp:.2f}; load average {os.getloadavg()[0]:.1f} after the run."]
-    print(lines[-1])
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(lines) + "\n")
+              f"prompt length k = {len_exp:.2f}.", ""]
+    print(lines[-2], flush=True)
+    return lines
 
 
 if __name__ == "__main__":
