@@ -17,7 +17,7 @@ random initial state, norm after the loop; d_model 256, 8 heads x 32, d_mlp 768,
    one trace per layer whose batch holds one copy of the prompt per position), so the ratio
    holds for the full sweep, whose every cell costs the same in TransformerLens. Head-output
    sweeps (``hook_z``, TransformerLens's ``layer_head_vector`` / ``layer_pos_head_vector`` setters,
-   i.e. ``get_act_patch_attn_head_out_all_pos`` / ``_by_pos``) over every layer x 2 heads (by
+   i.e. ``get_act_patch_attn_head_out_all_pos`` / ``_by_pos``) over every layer x ``--heads-swept`` heads (by
    position: at the middle position).
 2. **Cost as the work grows**: the full batched ``resid_pre`` sweep (every layer x position) of
    a smaller model (d_model 64) against effective depth (8 -> 128 at 16 tokens) and prompt length
@@ -151,7 +151,7 @@ def ratios(args) -> list[tuple[str, float, str]]:
                          ratio(times, "nnsight", "batched"),
                          f"nnsight {statistics.median(times['nnsight']):.1f} s, max abs diff to TL {nn_diff:.1e}"))
         if args.heads:
-            heads = list(range(min(2, model.cfg.n_heads)))
+            heads = list(range(min(args.heads_swept, model.cfg.n_heads)))
             all_pos = pd.DataFrame([(layer, h) for layer in range(model.cfg.n_layers) for h in heads],
                                    columns=["layer", "head"])
             by_pos = pd.DataFrame([(layer, p, h) for layer in range(model.cfg.n_layers) for p in spread(n_pos, 1)
@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--lengths", type=int, nargs="*", default=None, help="prompt lengths of the ratio sweeps")
     parser.add_argument("--no-heads", dest="heads", action="store_false", help="skip the head sweeps")
+    parser.add_argument("--heads-swept", type=int, default=2, help="heads per layer in the head sweeps")
     parser.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the cost table")
     parser.add_argument("--no-ratios", dest="ratios", action="store_false", help="only the cost table")
     args = parser.parse_args()
