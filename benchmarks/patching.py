@@ -1,6 +1,6 @@
 """Batched activation-patching sweeps against TransformerLens's sweeps and an nnsight sweep.
 
-    python benchmarks/patching.py                     # about 15 minutes on 2 busy CPU cores
+    python benchmarks/patching.py                     # every part (about 10 CPU-minutes; long on a busy machine)
     python benchmarks/patching.py --quick             # a smoke run
     python benchmarks/patching.py --markdown out.md   # also write the tables
 
