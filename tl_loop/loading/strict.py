@@ -29,6 +29,7 @@ class StrictTensors:
         self.used: set[str] = set()
         self.missing: list[str] = []
         self.mismatched: list[str] = []
+        self.wrong_dtype: list[str] = []
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -45,6 +46,9 @@ class StrictTensors:
         t = self.tensors[name]
         if shape is not None and tuple(t.shape) != tuple(shape):
             self.mismatched.append(f"{name}: expected {tuple(shape)}, found {tuple(t.shape)}")
+        if not t.is_floating_point():  # every weight slot is floating: never cast ints, bools, complex
+            self.wrong_dtype.append(f"{name}: {str(t.dtype).removeprefix('torch.')}")
+            return torch.zeros(t.shape)
         return t
 
     def ignore(self, *names: str) -> None:
@@ -57,6 +61,8 @@ class StrictTensors:
             problems.append(f"checkpoint is missing tensors: {sorted(self.missing)}")
         if self.mismatched:
             problems.append("shape mismatches: " + "; ".join(self.mismatched))
+        if self.wrong_dtype:
+            problems.append("tensors that must be floating point hold: " + "; ".join(self.wrong_dtype))
         unexpected = sorted(set(self.tensors) - self.used)
         if unexpected:
             problems.append(f"checkpoint has unexpected tensors: {unexpected}")
