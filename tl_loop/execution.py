@@ -33,8 +33,9 @@ class Forward(Interpreter):
     ``context`` is what every attention layer reads besides its input (RoPE tables at the
     tokens' positions, padding, KV slots; ``context_for`` gives a block its own, which decoding
     overrides). ``on_block(frame)`` (optional) is called before every block with the live frame
-    (its ``index`` set), which it may modify in place: the batched patching sweep stacks more
-    rows onto the batch there.
+    (its ``index`` set), which it may modify in place; ``on_op(position, frame)`` (optional)
+    likewise before every operation, with its position in the program: the batched patching
+    sweeps record frames and stack more rows onto the batch there.
     """
 
     def __init__(
@@ -46,13 +47,22 @@ class Forward(Interpreter):
         init_state: torch.Tensor | None = None,
         init_seed: int | None = None,
         on_block: Callable[[RunFrame], None] | None = None,
+        on_op: Callable[[int, RunFrame], None] | None = None,
         started_at: int | None = None,
     ) -> None:
         self.model, self.cfg = model, model.cfg
         self.tokens, self.context = tokens, context
         self.init_state, self.init_seed = init_state, init_seed
-        self.on_block = on_block
+        self.on_block, self.on_op = on_block, on_op
         self.started_at = started_at
+
+    def run(self, program: Any, frame: Any, start: int = 0, stop: int | None = None) -> Any:
+        if self.on_op is None:
+            return super().run(program, frame, start, stop)
+        for position in range(start, len(program) if stop is None else stop):
+            self.on_op(position, frame)
+            super().run(program, frame, position, position + 1)
+        return frame
 
     # ---- modules (overridden by HookFree) ----
     def block_module(self, op: Block) -> Any:

@@ -907,16 +907,22 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         init_state: torch.Tensor | None = None,
         init_seed: int | None = None,
         on_block: Callable[[RunFrame], None] | None = None,
+        on_op: Callable[[int, RunFrame], None] | None = None,
         started_at: int | None = None,
         attention_mask: torch.Tensor | None = None,
+        context: AttentionContext | None = None,
     ) -> RunFrame:
         """Interpret ``program[start:stop]`` on ``frame`` (a fresh one from the tokens by default;
-        a frame that carries its stream may come without tokens)."""
+        a frame that carries its stream may come without tokens). ``context``: the attention
+        context to use instead of the one built from the stream's length and ``attention_mask``."""
         frame = RunFrame(0) if frame is None else frame
         x = frame.x if frame.x is not None else tokens
         assert x is not None, "a pass needs tokens or a stream"
-        run = Forward(self, tokens, self.attention_context(x.shape[1], x.device, attention_mask),
-                      init_state=init_state, init_seed=init_seed, on_block=on_block, started_at=started_at)
+        if context is None:
+            context = self.attention_context(x.shape[1], x.device, attention_mask)
+        run = Forward(self, tokens, context,
+                      init_state=init_state, init_seed=init_seed, on_block=on_block, on_op=on_op,
+                      started_at=started_at)
         run.run(self.program, frame, start, stop)
         return frame
 

@@ -20,10 +20,13 @@ handed from one step to the next. This module adds those, in TransformerLens's o
 * **Sweeps** shaped like TransformerLens's: :func:`get_act_patch_cycle` patches a layer of the
   cycle at *all* chosen steps in each run (``[layer_in_cycle, pos]``), :func:`get_act_patch_state`
   patches the recurrent state step by step (``[step, pos]``).
-* :func:`get_act_patch_resid_pre_batched` computes exactly
-  ``transformer_lens.patching.get_act_patch_resid_pre`` (``[n_layers, pos]`` over the full
-  effective depth) with many patches per forward pass and without recomputing the unpatched
-  prefix of each run.
+* **Batched sweeps**, one per sweep of ``transformer_lens.patching`` and per loop sweep here,
+  named after it with ``_batched`` (:func:`get_act_patch_resid_pre_batched`,
+  :func:`get_act_patch_attn_head_out_by_pos_batched`, :func:`get_act_patch_block_every_batched`,
+  :func:`generic_activation_patch_batched` with an ``index_df``, :func:`get_act_patch_cycle_batched`,
+  :func:`get_act_patch_state_batched`, ...). Each returns what its twin returns (same shape,
+  ``reduce``/``baseline``/metric mappings included) but runs many patches per forward pass,
+  each from where it diverges from the corrupted run (``tl_loop.batched``).
 
 Hook names refer to one depth. Every builder works at ``n_steps`` (default: the model's current
 ``cfg.n_steps``) and refuses a ``clean_cache`` recorded at another depth; to work at another depth
@@ -32,8 +35,8 @@ pass ``n_steps=`` here *and* to ``run_with_hooks`` (the sweeps do that themselve
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -43,10 +46,10 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens.hook_points import HookPoint
 
+from tl_loop.batched import Cell, run_cells, scalar_evaluate
 from tl_loop.cache import ModelAtSteps
 from tl_loop.errors import InputError
 from tl_loop.hook_names import block_hook
-from tl_loop.program import RunFrame
 from tl_loop.schedule import Schedule
 
 __all__ = [
@@ -54,9 +57,29 @@ __all__ = [
     "ablate_state_hooks",
     "cycle_hook_names",
     "cycle_index_df",
+    "generic_activation_patch_batched",
+    "get_act_patch_attn_head_all_pos_every_batched",
+    "get_act_patch_attn_head_by_pos_every_batched",
+    "get_act_patch_attn_head_k_all_pos_batched",
+    "get_act_patch_attn_head_k_by_pos_batched",
+    "get_act_patch_attn_head_out_all_pos_batched",
+    "get_act_patch_attn_head_out_by_pos_batched",
+    "get_act_patch_attn_head_pattern_all_pos_batched",
+    "get_act_patch_attn_head_pattern_by_pos_batched",
+    "get_act_patch_attn_head_pattern_dest_src_pos_batched",
+    "get_act_patch_attn_head_q_all_pos_batched",
+    "get_act_patch_attn_head_q_by_pos_batched",
+    "get_act_patch_attn_head_v_all_pos_batched",
+    "get_act_patch_attn_head_v_by_pos_batched",
+    "get_act_patch_attn_out_batched",
+    "get_act_patch_block_every_batched",
     "get_act_patch_cycle",
+    "get_act_patch_cycle_batched",
+    "get_act_patch_mlp_out_batched",
+    "get_act_patch_resid_mid_batched",
     "get_act_patch_resid_pre_batched",
     "get_act_patch_state",
+    "get_act_patch_state_batched",
     "patch_cycle_hooks",
     "patch_state_hooks",
     "state_hook_names",
@@ -600,6 +623,15 @@ def get_act_patch_cycle(
     ...                     index_axis_names=("layer_in_cycle", "head")).shape
     torch.Size([2, 4])
     """
+    return _sweep(model, corrupted_tokens, patching_metric,
+                  *_cycle_plan(model, corrupted_tokens, clean_cache, activation_name, steps, index_axis_names, n_steps))
+
+
+def _cycle_plan(
+    model: Any, corrupted_tokens: Any, clean_cache: Any, activation_name: str, steps: StepsArg,
+    index_axis_names: Sequence[str], n_steps: int | None,
+) -> tuple[int, list[int], Callable[[dict[int, int]], HookList]]:
+    """``(depth, axis sizes, hooks of a cell)`` of :func:`get_act_patch_cycle`."""
     depth = _resolve_depth(model, n_steps, ("clean_cache", clean_cache))
     schedule = _schedule(model, depth)
     axes = list(index_axis_names)
@@ -623,7 +655,7 @@ def get_act_patch_cycle(
             for n in names_by_layer[j]
         ]
 
-    return _sweep(model, corrupted_tokens, patching_metric, depth, sizes, hooks_for)
+    return depth, sizes, hooks_for
 
 
 def get_act_patch_state(
@@ -651,6 +683,15 @@ def get_act_patch_state(
     >>> out.shape, bool(torch.isclose(out[0], clean_logits[0, -1, 5]))   # step 0 gets the whole clean state
     (torch.Size([3]), True)
     """
+    return _sweep(model, corrupted_tokens, patching_metric,
+                  *_state_plan(model, corrupted_tokens, clean_cache, where, index_axis_names, n_steps))
+
+
+def _state_plan(
+    model: Any, corrupted_tokens: Any, clean_cache: Any, where: str, index_axis_names: Sequence[str],
+    n_steps: int | None,
+) -> tuple[int, list[int], Callable[[dict[int, int]], HookList]]:
+    """``(depth, axis sizes, hooks of a cell)`` of :func:`get_act_patch_state`."""
     depth = _resolve_depth(model, n_steps, ("clean_cache", clean_cache))
     schedule = _schedule(model, depth)
     axes = list(index_axis_names)
@@ -666,60 +707,275 @@ def get_act_patch_state(
         n = names[at["step"]]
         return [(n, _ReplaceHook(_cached(clean_cache, n, "clean_cache"), at.get("pos"), None, "patch"))]
 
-    return _sweep(model, corrupted_tokens, patching_metric, depth, sizes, hooks_for)
+    return depth, sizes, hooks_for
 
 
-# ---------------------------------------------------------------------------- batched sweep
-def _default_copies(base: Any, batch: int, n_pos: int) -> int:
-    """Patched copies per forward pass: about 4096 token rows, fewer when the logits
-    (``rows x d_vocab`` floats) would pass 256 MiB."""
-    rows = max(1, min(4096, (1 << 26) // max(int(base.cfg.d_vocab), 1)))
-    return max(1, rows // (batch * n_pos))
+# ---------------------------------------------------------------------------- batched sweeps
+MetricArg = Callable[[torch.Tensor], Any] | Mapping[str, Callable[[torch.Tensor], Any]]
 
 
-def _as_scalar(value: Any) -> torch.Tensor:
-    out = torch.as_tensor(value).detach()
-    if out.ndim != 0:
+def _batched_model(model: Any, clean_cache: Any, batch_size: Any, n_steps: int | None, what: str) -> tuple[Any, int]:
+    """``(model, depth)`` for a batched sweep, after the checks every one of them makes."""
+    depth = _resolve_depth(model, n_steps, ("clean_cache", clean_cache))
+    base = _base_model(model)
+    if base.training:
+        raise InputError("activation patching needs the model in eval mode (model.eval())")
+    if base._any_hooks_attached():
         raise InputError(
-            f"patching_metric must return a scalar (as for transformer_lens.patching's sweeps), got shape "
-            f"{tuple(out.shape)}; it is called once per patch on logits of the corrupted batch's size"
+            f"{what} runs stacked, resumed forward passes: hooks attached to the model would see the "
+            "stacked batch and not fire before the patched operation. Remove them "
+            "(model.reset_hooks(including_permanent=True)) or use the one-run-per-patch sweep of "
+            "transformer_lens.patching"
         )
-    return out
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size must be a positive int (patched runs per forward pass), got {batch_size!r}")
+    return base, depth
 
 
-def get_act_patch_resid_pre_batched(
+def _tokens(base: Any, corrupted_tokens: Any) -> torch.Tensor:
+    if not isinstance(corrupted_tokens, torch.Tensor) or corrupted_tokens.ndim != 2:
+        raise InputError("corrupted_tokens must be a LongTensor [batch, pos]")
+    return base._validate_tokens(corrupted_tokens)
+
+
+#: TransformerLens's patch setters that patch one (query) position: the entry of ``index``
+#: holding it and the activation's axis of query positions. Their cells run from that
+#: position on; any other setter's cells run every position.
+_POSITION_SETTERS = {
+    "layer_pos_patch_setter": (1, 1),
+    "layer_pos_head_vector_patch_setter": (1, 1),
+    "layer_head_pos_pattern_patch_setter": (2, 2),
+    "layer_head_dest_src_pos_pattern_patch_setter": (2, 2),
+}
+
+
+def _position_setter(patch_setter: Any) -> tuple[int, int] | None:
+    from transformer_lens import patching as tl_patching
+
+    for name, where in _POSITION_SETTERS.items():
+        if patch_setter is getattr(tl_patching, name, None):
+            return where
+    return None
+
+
+def _setter_hook(patch_setter: Callable[..., torch.Tensor], index: list[int], clean: torch.Tensor,
+                 where: tuple[int, int] | None, activation: torch.Tensor, hook: HookPoint,
+                 start: int = 0) -> torch.Tensor:
+    """TransformerLens's patching hook: ``patch_setter(activation, index, clean_activation)``;
+    for an activation of positions ``start..`` only, the position and the clean activation are
+    shifted to match."""
+    if start:
+        assert where is not None
+        entry, axis = where
+        index = [*index[:entry], index[entry] - start, *index[entry + 1 :]]
+        clean = clean.narrow(axis, start, clean.shape[axis] - start)
+    if clean.shape[1:] != activation.shape[1:] or clean.shape[0] not in (1, activation.shape[0]):
+        raise InputError(
+            f"clean_cache's {hook.name} has shape {tuple(clean.shape)} but the corrupted run's is "
+            f"{tuple(activation.shape)} (prompts must have the same length; the clean batch must match or be 1)"
+        )
+    return patch_setter(activation, index, clean)
+
+
+def generic_activation_patch_batched(
     model: Any,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
     clean_cache: Any,
-    patching_metric: Callable[[Float[torch.Tensor, "batch pos d_vocab"]], Any],
-    batch_size: int | None = None,
+    patching_metric: MetricArg,
+    patch_setter: Callable[[torch.Tensor, Sequence[int], torch.Tensor], torch.Tensor],
+    activation_name: str,
+    index_axis_names: Sequence[str] | None = None,
+    index_df: pd.DataFrame | None = None,
+    return_index_df: bool = False,
     *,
+    reduce: str = "scalar",
+    baseline: bool = False,
+    batch_size: int | None = None,
+    verbose: bool = True,
     n_steps: int | None = None,
-) -> Float[torch.Tensor, "n_layers pos"]:
-    """``transformer_lens.patching.get_act_patch_resid_pre``, computed in batched, resumed passes.
+) -> Any:
+    """``transformer_lens.patching.generic_activation_patch``, many patches per forward pass.
 
-    Returns the same ``[n_layers, pos]`` tensor: cell ``[L, p]`` is ``patching_metric`` of the
-    corrupted run with ``blocks.{L}.hook_resid_pre`` at position ``p`` replaced by the clean
-    activation, for every effective layer ``L`` of the unrolled model. Two things make it faster:
+    Takes the same arguments and returns the same thing (a tensor ``[*axes]`` or, with an
+    ``index_df``, one value per row; a ``PatchingResult`` with ``reduce="none"``,
+    ``baseline=True`` or a mapping of several metrics). Cell by cell it computes what
+    TransformerLens computes: the corrupted run with ``patch_setter(activation, index,
+    clean_activation)`` applied at ``activation_name`` of layer ``index[0]``, the metric(s)
+    called once per cell on logits of the corrupted batch's size. Unlike TransformerLens, the
+    runs start where they diverge from the unpatched corrupted run (the prefix is computed
+    once) and run ``batch_size`` at a time stacked on the batch axis (see ``tl_loop.batched``).
 
-    * **Many patches per forward pass.** The corrupted batch is stacked ``batch_size`` times along
-      the batch axis (default: about 4096 token rows per pass); each copy carries a different
-      ``(layer, pos)`` patch.
-    * **No prefix recomputation.** A patch at layer ``L`` changes nothing before ``L``: one
-      unpatched corrupted pass records the live state before every layer (residual stream,
-      recurrent state, HRM's inner state, the prelude output the loop injects), and each
-      patched copy starts at its own layer from that record: the pass starts at the first
-      copy's layer and the others join the batch at theirs, so a copy runs only the layers its
-      patch can change, across loop boundaries, injection, state norms and inner cycles alike.
+    ``batch_size``: patched runs per forward pass (default: what fits in a quarter of the free
+    memory, at most 2048 token rows on a CPU); ``verbose``: a progress bar over cells;
+    ``n_steps``: sweep at that depth (the clean cache must be recorded there). Hooks attached
+    to the model are refused. ``activation_name`` is a TransformerLens short name (``"z"``) or
+    the part of a hook name after ``blocks.{i}.`` (``"ln1.hook_scale"``).
 
-    ``patching_metric`` is called once per patch, on that copy's logits: a
-    ``[batch, pos, d_vocab]`` slice with the corrupted batch's original size, exactly what
-    TransformerLens's sweep passes it; it must return a scalar. Results equal
-    TransformerLens's up to float rounding of the larger matrix products.
+    >>> import torch
+    >>> from transformer_lens import patching
+    >>> from tl_loop import HookedLoopedTransformer, LoopedConfig
+    >>> model = HookedLoopedTransformer(LoopedConfig(d_model=16, d_head=4, d_vocab=20, n_core_layers=2,
+    ...                                              n_steps=2), seed=0)
+    >>> clean, corrupted = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 9, 3]])
+    >>> _, clean_cache = model.run_with_cache(clean)
+    >>> metric = lambda logits: logits[0, -1, 5]
+    >>> fast = generic_activation_patch_batched(model, corrupted, clean_cache, metric,
+    ...     patching.layer_head_vector_patch_setter, "z", ("layer", "head"), verbose=False)
+    >>> fast.shape                                                   # [n_layers, n_heads]
+    torch.Size([4, 4])
+    >>> slow = patching.generic_activation_patch(model, corrupted, clean_cache, metric,
+    ...     patching.layer_head_vector_patch_setter, "z", ("layer", "head"))
+    >>> torch.allclose(fast, slow, atol=1e-5)
+    True
+    """
+    from transformer_lens import patching as tl_patching
 
-    Hooks attached to the model are refused (they would see stacked batches and miss the skipped
-    prefix): remove them, or use TransformerLens's sweep. ``n_steps`` sweeps at that depth
-    (the clean cache must be recorded there).
+    base, depth = _batched_model(model, clean_cache, batch_size, n_steps, "generic_activation_patch_batched")
+    if reduce not in ("scalar", "mean", "none"):
+        raise InputError(f"reduce must be one of ('scalar', 'mean', 'none'), got {reduce!r}")
+    if isinstance(patching_metric, Mapping):
+        metrics = dict(patching_metric)
+        if not metrics:
+            raise InputError("patching_metric mapping must contain at least one metric")
+    elif callable(patching_metric):
+        metrics = {"metric": patching_metric}
+    else:
+        raise InputError(f"patching_metric must be a callable or a mapping of names to callables, got {patching_metric!r}")
+    has_metric_axis = isinstance(patching_metric, Mapping)
+    want_result = has_metric_axis or reduce == "none" or baseline
+    result_cls = getattr(tl_patching, "PatchingResult", None)
+    if want_result and result_cls is None:
+        raise InputError("reduce='mean'/'none', baseline=True and metric mappings need transformer-lens >= 4.0 (PatchingResult)")
+    if want_result and return_index_df:
+        raise InputError("return_index_df only applies to the tensor return; a PatchingResult carries index_df")
+    with base.steps(depth, force=True), torch.no_grad():
+        tokens = _tokens(base, corrupted_tokens)
+        batch, n_pos = int(tokens.shape[0]), int(tokens.shape[1])
+        if index_df is None:
+            if index_axis_names is None:
+                raise InputError("give index_axis_names (e.g. ('layer', 'pos')) or an index_df")
+            n_heads = base.cfg.n_heads
+            if activation_name in ("k", "v") and base.cfg.n_key_value_heads is not None:
+                n_heads = base.cfg.n_key_value_heads
+            ranges = {"layer": base.cfg.n_layers, "pos": n_pos, "head_index": n_heads, "head": n_heads,
+                      "src_pos": n_pos, "dest_pos": n_pos}
+            unknown = [a for a in index_axis_names if a not in ranges]
+            if unknown:
+                raise InputError(f"unknown index axis {unknown[0]!r}; axes are {', '.join(ranges)}")
+            axis_sizes = [ranges[a] for a in index_axis_names]
+            index_df = tl_patching.make_df_from_ranges(axis_sizes, list(index_axis_names))
+            flattened = False
+        else:
+            if index_axis_names is not None:
+                raise InputError("give index_axis_names or index_df, not both")
+            if not isinstance(index_df, pd.DataFrame) or len(index_df) == 0:
+                raise InputError("index_df must be a non-empty pandas DataFrame whose first column is the layer")
+            axis_sizes = index_df.max().to_list()
+            flattened = True
+        rows = [row.to_list() for _, row in index_df.iterrows()]
+        clean: dict[int, tuple[str, torch.Tensor]] = {}  # layer -> (hook name, clean activation)
+        where = _position_setter(patch_setter)
+        cells = []
+        for index in rows:
+            layer = int(index[0])
+            if not 0 <= layer < base.cfg.n_layers:
+                raise InputError(f"index_df layer {layer} is out of range: the model runs {base.cfg.n_layers} effective layers")
+            if layer not in clean:
+                name = f"blocks.{layer}.{_block_suffix(base, activation_name, depth, layer)}"
+                clean[layer] = name, _cached(clean_cache, name, "clean_cache").to(tokens.device)
+            name, value = clean[layer]
+            pos = int(index[where[0]]) if where is not None else 0
+            hook = functools.partial(_setter_hook, patch_setter, index, value, where)
+            cells.append(Cell(((name, hook),), pos=pos if 0 <= pos < n_pos else 0))
+        evaluate = scalar_evaluate(metrics, batch, reduce != "scalar", reduce)
+        values, corrupted_logits = run_cells(base, tokens, cells, evaluate, batch_size=batch_size, verbose=verbose,
+                                             desc=f"patching {activation_name}")
+        cell_shape = (len(rows),) if flattened else tuple(axis_sizes)
+        store = torch.zeros((len(metrics), *cell_shape, *((batch,) if reduce != "scalar" else ())),
+                            device=getattr(base.cfg, "device", None))
+        for c, (index, value) in enumerate(zip(rows, values)):
+            store[(slice(None), c) if flattened else (slice(None), *index)] = value.to(store.dtype)
+        baseline_values = evaluate(corrupted_logits).to(store.dtype) if baseline else None
+    if reduce == "mean":
+        store = store.mean(dim=-1)
+        baseline_values = None if baseline_values is None else baseline_values.mean(dim=-1)
+    if not want_result:
+        return (store[0], index_df) if return_index_df else store[0]
+    return result_cls(
+        values=store if has_metric_axis else store[0],
+        axis_names=[] if flattened else list(index_axis_names or []),
+        index_df=index_df,
+        metric_names=list(metrics),
+        reduced=reduce != "none",
+        baseline=None if baseline_values is None else (baseline_values if has_metric_axis else baseline_values[0]),
+        has_metric_axis=has_metric_axis,
+    )
+
+
+def _tl_sweep(name: str, setter: str, activation: str, axes: tuple[str, ...], shape: str) -> Callable[..., Any]:
+    """The batched twin of ``transformer_lens.patching.<name>`` (a partial of its generic sweep)."""
+
+    def sweep(
+        model: Any,
+        corrupted_tokens: Int[torch.Tensor, "batch pos"],
+        clean_cache: Any,
+        patching_metric: MetricArg,
+        batch_size: int | None = None,
+        *,
+        reduce: str = "scalar",
+        baseline: bool = False,
+        verbose: bool = True,
+        n_steps: int | None = None,
+    ) -> Any:
+        from transformer_lens import patching as tl_patching
+
+        return generic_activation_patch_batched(
+            model, corrupted_tokens, clean_cache, patching_metric, getattr(tl_patching, setter), activation, axes,
+            reduce=reduce, baseline=baseline, batch_size=batch_size, verbose=verbose, n_steps=n_steps,
+        )
+
+    sweep.__name__ = sweep.__qualname__ = f"{name}_batched"
+    sweep.__doc__ = (
+        f"``transformer_lens.patching.{name}`` (``{shape}``), computed by "
+        "``generic_activation_patch_batched``: same arguments and result (``reduce``, ``baseline`` and "
+        "metric mappings included), plus ``batch_size``, ``verbose`` and ``n_steps``."
+    )
+    return sweep
+
+
+_POS, _HEAD_POS, _HEAD = "layer_pos_patch_setter", "layer_pos_head_vector_patch_setter", "layer_head_vector_patch_setter"
+get_act_patch_resid_pre_batched = _tl_sweep("get_act_patch_resid_pre", _POS, "resid_pre", ("layer", "pos"), "[n_layers, pos]")
+get_act_patch_resid_mid_batched = _tl_sweep("get_act_patch_resid_mid", _POS, "resid_mid", ("layer", "pos"), "[n_layers, pos]")
+get_act_patch_attn_out_batched = _tl_sweep("get_act_patch_attn_out", _POS, "attn_out", ("layer", "pos"), "[n_layers, pos]")
+get_act_patch_mlp_out_batched = _tl_sweep("get_act_patch_mlp_out", _POS, "mlp_out", ("layer", "pos"), "[n_layers, pos]")
+get_act_patch_attn_head_out_by_pos_batched = _tl_sweep(
+    "get_act_patch_attn_head_out_by_pos", _HEAD_POS, "z", ("layer", "pos", "head"), "[n_layers, pos, n_heads]")
+get_act_patch_attn_head_q_by_pos_batched = _tl_sweep(
+    "get_act_patch_attn_head_q_by_pos", _HEAD_POS, "q", ("layer", "pos", "head"), "[n_layers, pos, n_heads]")
+get_act_patch_attn_head_k_by_pos_batched = _tl_sweep(
+    "get_act_patch_attn_head_k_by_pos", _HEAD_POS, "k", ("layer", "pos", "head"), "[n_layers, pos, n_key_value_heads]")
+get_act_patch_attn_head_v_by_pos_batched = _tl_sweep(
+    "get_act_patch_attn_head_v_by_pos", _HEAD_POS, "v", ("layer", "pos", "head"), "[n_layers, pos, n_key_value_heads]")
+get_act_patch_attn_head_pattern_by_pos_batched = _tl_sweep(
+    "get_act_patch_attn_head_pattern_by_pos", "layer_head_pos_pattern_patch_setter", "pattern",
+    ("layer", "head_index", "dest_pos"), "[n_layers, n_heads, dest_pos]")
+get_act_patch_attn_head_pattern_dest_src_pos_batched = _tl_sweep(
+    "get_act_patch_attn_head_pattern_dest_src_pos", "layer_head_dest_src_pos_pattern_patch_setter", "pattern",
+    ("layer", "head_index", "dest_pos", "src_pos"), "[n_layers, n_heads, dest_pos, src_pos]")
+get_act_patch_attn_head_out_all_pos_batched = _tl_sweep(
+    "get_act_patch_attn_head_out_all_pos", _HEAD, "z", ("layer", "head"), "[n_layers, n_heads]")
+get_act_patch_attn_head_q_all_pos_batched = _tl_sweep(
+    "get_act_patch_attn_head_q_all_pos", _HEAD, "q", ("layer", "head"), "[n_layers, n_heads]")
+get_act_patch_attn_head_k_all_pos_batched = _tl_sweep(
+    "get_act_patch_attn_head_k_all_pos", _HEAD, "k", ("layer", "head"), "[n_layers, n_key_value_heads]")
+get_act_patch_attn_head_v_all_pos_batched = _tl_sweep(
+    "get_act_patch_attn_head_v_all_pos", _HEAD, "v", ("layer", "head"), "[n_layers, n_key_value_heads]")
+get_act_patch_attn_head_pattern_all_pos_batched = _tl_sweep(
+    "get_act_patch_attn_head_pattern_all_pos", "layer_head_pattern_patch_setter", "pattern",
+    ("layer", "head_index"), "[n_layers, n_heads]")
+
+get_act_patch_resid_pre_batched.__doc__ = """``transformer_lens.patching.get_act_patch_resid_pre``
+    (``[n_layers, pos]`` over the full effective depth), computed by ``generic_activation_patch_batched``.
 
     >>> import torch
     >>> from transformer_lens import patching
@@ -729,91 +985,184 @@ def get_act_patch_resid_pre_batched(
     >>> clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 9, 3, 4]])
     >>> _, clean_cache = model.run_with_cache(clean)
     >>> metric = lambda logits: logits[0, -1, 5]
-    >>> fast = get_act_patch_resid_pre_batched(model, corrupted, clean_cache, metric, batch_size=5)
+    >>> fast = get_act_patch_resid_pre_batched(model, corrupted, clean_cache, metric, batch_size=5, verbose=False)
     >>> fast.shape                                                   # [n_layers, pos]
     torch.Size([7, 4])
     >>> torch.allclose(fast, patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric), atol=1e-5)
     True
     """
-    depth = _resolve_depth(model, n_steps, ("clean_cache", clean_cache))
-    base = _base_model(model)
-    if not isinstance(corrupted_tokens, torch.Tensor) or corrupted_tokens.ndim != 2:
-        raise InputError("corrupted_tokens must be a LongTensor [batch, pos]")
-    if base.training:
-        raise InputError("activation patching needs the model in eval mode (model.eval())")
-    if base._any_hooks_attached():
-        raise InputError(
-            "get_act_patch_resid_pre_batched runs stacked, resumed forward passes: hooks attached to "
-            "the model would see the stacked batch and not fire before the patched layer. Remove them "
-            "(model.reset_hooks(including_permanent=True)) or use transformer_lens.patching.get_act_patch_resid_pre"
-        )
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise InputError(f"batch_size must be a positive int (patched copies per forward pass), got {batch_size!r}")
+
+
+def _every(
+    sweeps: Sequence[Callable[..., Any]], axes: Sequence[tuple[str, ...]], model: Any, corrupted_tokens: Any,
+    clean_cache: Any, metric: MetricArg, reduce: str, baseline: bool, batch_size: int | None, verbose: bool,
+    n_steps: int | None,
+) -> list[Any]:
+    """TransformerLens's ``_run_sweeps``: every sweep of an ``*_every`` helper, the baseline once."""
+    from transformer_lens import patching as tl_patching
+
+    results = []
+    for i, (sweep, names) in enumerate(zip(sweeps, axes)):
+        out = sweep(model, corrupted_tokens, clean_cache, metric, batch_size, reduce=reduce,
+                    baseline=baseline and i == 0, verbose=verbose, n_steps=n_steps)
+        if baseline and isinstance(out, torch.Tensor):
+            out = tl_patching.PatchingResult(
+                values=out, axis_names=list(names), metric_names=["metric"], reduced=True,
+                index_df=tl_patching.make_df_from_ranges(list(out.shape), list(names)))
+        results.append(out)
+    return results
+
+
+def _stack_every(results: list[Any], axis_order: tuple[str, ...], n_heads: int, type_names: tuple[str, ...],
+                 head_sweep: bool, pattern_by_pos: bool) -> Any:
+    """Stack the sweeps of an ``*_every`` helper as TransformerLens does."""
+    if all(isinstance(r, torch.Tensor) for r in results):
+        tensors = list(results)
+        if head_sweep:  # GQA k / v padded to n_heads; the by-pos pattern sweep is [layer, head, pos]
+            for i in (2, 3):
+                tensors[i] = torch.nn.functional.pad(tensors[i], (0, n_heads - tensors[i].size(-1)))
+            if pattern_by_pos:
+                tensors[4] = tensors[4].transpose(-1, -2)
+        return torch.stack(tensors, dim=0)
+    from transformer_lens import patching as tl_patching
+
+    stack = getattr(tl_patching, "_stack_patch_types", None)
+    if stack is None:
+        raise InputError("per-example or multi-metric *_every sweeps need transformer-lens >= 4.0")
+    return stack(results, axis_order=axis_order, n_heads=n_heads, type_names=type_names)
+
+
+def _every_sweep(name: str, parts: tuple[Callable[..., Any], ...], axes: tuple[tuple[str, ...], ...],
+                 axis_order: tuple[str, ...], type_names: tuple[str, ...], shape: str) -> Callable[..., Any]:
+    def sweep(
+        model: Any,
+        corrupted_tokens: Int[torch.Tensor, "batch pos"],
+        clean_cache: Any,
+        metric: MetricArg,
+        batch_size: int | None = None,
+        *,
+        reduce: str = "scalar",
+        baseline: bool = False,
+        verbose: bool = True,
+        n_steps: int | None = None,
+    ) -> Any:
+        results = _every(parts, axes, model, corrupted_tokens, clean_cache, metric, reduce, baseline, batch_size,
+                         verbose, n_steps)
+        n_heads = int(_base_model(model).cfg.n_heads) if "head" in axis_order else 0
+        return _stack_every(results, axis_order, n_heads, type_names, "head" in axis_order, "pos" in axis_order)
+
+    sweep.__name__ = sweep.__qualname__ = f"{name}_batched"
+    sweep.__doc__ = (
+        f"``transformer_lens.patching.{name}`` (``{shape}``: {', '.join(type_names)}), each sweep batched; "
+        "same arguments and result, plus ``batch_size``, ``verbose`` and ``n_steps``."
+    )
+    return sweep
+
+
+get_act_patch_block_every_batched = _every_sweep(
+    "get_act_patch_block_every",
+    (get_act_patch_resid_pre_batched, get_act_patch_attn_out_batched, get_act_patch_mlp_out_batched),
+    (("layer", "pos"),) * 3, ("layer", "pos"), ("resid_pre", "attn_out", "mlp_out"), "[3, n_layers, pos]")
+get_act_patch_attn_head_all_pos_every_batched = _every_sweep(
+    "get_act_patch_attn_head_all_pos_every",
+    (get_act_patch_attn_head_out_all_pos_batched, get_act_patch_attn_head_q_all_pos_batched,
+     get_act_patch_attn_head_k_all_pos_batched, get_act_patch_attn_head_v_all_pos_batched,
+     get_act_patch_attn_head_pattern_all_pos_batched),
+    (("layer", "head"),) * 4 + (("layer", "head_index"),), ("layer", "head"),
+    ("out", "q", "k", "v", "pattern"), "[5, n_layers, n_heads]")
+get_act_patch_attn_head_by_pos_every_batched = _every_sweep(
+    "get_act_patch_attn_head_by_pos_every",
+    (get_act_patch_attn_head_out_by_pos_batched, get_act_patch_attn_head_q_by_pos_batched,
+     get_act_patch_attn_head_k_by_pos_batched, get_act_patch_attn_head_v_by_pos_batched,
+     get_act_patch_attn_head_pattern_by_pos_batched),
+    (("layer", "pos", "head"),) * 4 + (("layer", "head_index", "dest_pos"),), ("layer", "pos", "head"),
+    ("out", "q", "k", "v", "pattern"), "[5, n_layers, pos, n_heads]")
+
+
+# ---------------------------------------------------------------------------- batched loop sweeps
+def _sweep_batched(
+    model: Any,
+    corrupted_tokens: torch.Tensor,
+    patching_metric: Callable[[torch.Tensor], Any],
+    depth: int,
+    axis_sizes: list[int],
+    hooks_for: Callable[[dict[int, int]], HookList],
+    batch_size: int | None,
+    verbose: bool,
+    clean_cache: Any,
+    what: str,
+) -> torch.Tensor:
+    """:func:`_sweep` through the batched engine."""
+    base, _ = _batched_model(model, clean_cache, batch_size, depth, what)
     with base.steps(depth, force=True), torch.no_grad():
-        tokens = base._validate_tokens(corrupted_tokens)
-        batch, n_pos = int(tokens.shape[0]), int(tokens.shape[1])
-        n_layers = len(base.schedule)
-        clean = []
-        for layer in range(n_layers):
-            value = _cached(clean_cache, block_hook(layer, "hook_resid_pre"), "clean_cache")
-            if value.shape[1:] != (n_pos, base.cfg.d_model) or value.shape[0] not in (1, batch):
-                raise InputError(
-                    f"clean_cache's blocks.{layer}.hook_resid_pre has shape {tuple(value.shape)}, the corrupted "
-                    f"run's is {(batch, n_pos, base.cfg.d_model)} (prompts must have the same length; the "
-                    "clean batch must match or be 1)"
-                )
-            clean.append(value.to(device=tokens.device))
-        copies = batch_size or _default_copies(base, batch, n_pos)
-        store = torch.zeros(n_layers, n_pos, device=getattr(base.cfg, "device", None))
+        tokens = _tokens(base, corrupted_tokens)
+        cells = [Cell(tuple(hooks_for(dict(enumerate(index)))))
+                 for index in itertools.product(*(range(n) for n in axis_sizes))]
+        values, _ = run_cells(base, tokens, cells, lambda logits: torch.as_tensor(patching_metric(logits)).detach(),
+                              batch_size=batch_size, verbose=verbose, desc=what)
+    out = torch.stack(values)
+    return out.reshape(*axis_sizes, *out.shape[1:])
 
-        frames: list[RunFrame] = []
-        program = base.program
-        base._execute(tokens, on_block=lambda f: frames.append(dataclasses.replace(f)), stop=program.position("final_norm"))
-        # A random initial state is drawn for the batch's shape: a pass resumed inside the
-        # prelude gets the corrupted batch's draw stacked, as each sequential run draws it.
-        n_prelude = base.cfg.n_prelude_layers
-        first_state = None
-        if base.cfg.state_init == "random" and 0 < n_prelude < n_layers:
-            first_state = base.initial_state(frames[n_prelude].prelude_out)
 
-        def patched_rows(layer: int, positions: list[int]) -> RunFrame:
-            """The frame before ``layer``, one copy of the batch per position, each patched there."""
-            n = len(positions)
-            rows = frames[layer].map(lambda t: t.repeat(n, *([1] * (t.ndim - 1))))
-            assert rows.x is not None
-            pos = torch.tensor(positions, device=tokens.device)
-            view = rows.x.view(n, batch, n_pos, -1)
-            view[torch.arange(n, device=tokens.device), :, pos] = clean[layer][:, pos].transpose(0, 1)
-            return rows
+def get_act_patch_cycle_batched(
+    model: Any,
+    corrupted_tokens: Int[torch.Tensor, "batch pos"],
+    clean_cache: Any,
+    patching_metric: Callable[[Float[torch.Tensor, "batch pos d_vocab"]], Any],
+    activation_name: str = "resid_pre",
+    steps: StepsArg = None,
+    index_axis_names: Sequence[str] = ("layer_in_cycle", "pos"),
+    batch_size: int | None = None,
+    *,
+    verbose: bool = True,
+    n_steps: int | None = None,
+) -> torch.Tensor:
+    """:func:`get_act_patch_cycle` (same arguments and result), many patched runs per forward
+    pass, each started where it first patches (the first chosen step of its layer).
 
-        cells = [(layer, p) for layer in range(n_layers) for p in range(n_pos)]
-        for first in range(0, len(cells), copies):
-            chunk = cells[first : first + copies]
-            by_layer: dict[int, list[int]] = {}
-            for layer, p in chunk:
-                by_layer.setdefault(layer, []).append(p)
-            start = chunk[0][0]
+    >>> import torch
+    >>> from tl_loop import HookedLoopedTransformer, LoopedConfig
+    >>> model = HookedLoopedTransformer(LoopedConfig(d_model=16, d_head=4, d_vocab=20, n_core_layers=2,
+    ...                                              n_steps=3), seed=0)
+    >>> clean, corrupted = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 9, 3]])
+    >>> _, clean_cache = model.run_with_cache(clean)
+    >>> metric = lambda l: l[0, -1, 5]
+    >>> fast = get_act_patch_cycle_batched(model, corrupted, clean_cache, metric, "z",
+    ...                                    index_axis_names=("layer_in_cycle", "head"), verbose=False)
+    >>> torch.allclose(fast, get_act_patch_cycle(model, corrupted, clean_cache, metric, "z",
+    ...                                          index_axis_names=("layer_in_cycle", "head")), atol=1e-5)
+    True
+    """
+    plan = _cycle_plan(model, corrupted_tokens, clean_cache, activation_name, steps, index_axis_names, n_steps)
+    return _sweep_batched(model, corrupted_tokens, patching_metric, *plan, batch_size, verbose, clean_cache,
+                          "get_act_patch_cycle_batched")
 
-            def join(f: RunFrame, start: int = start, by_layer: dict[int, list[int]] = by_layer) -> None:
-                if f.index == start or f.index not in by_layer:
-                    return
-                new = patched_rows(f.index, by_layer[f.index])
-                for name in RunFrame.TENSORS:
-                    have, more = getattr(f, name), getattr(new, name)
-                    if (have is None) != (more is None):
-                        raise AssertionError(f"frames disagree on {name} at layer {f.index}")
-                    if have is not None:
-                        setattr(f, name, torch.cat([have, more]))
 
-            init_state = None
-            if first_state is not None and start < n_prelude:  # the pass draws the initial state
-                n = sum(len(ps) for layer, ps in by_layer.items() if layer < n_prelude)
-                init_state = first_state.repeat(n, *([1] * (first_state.ndim - 1)))
-            logits = base._execute(
-                tokens, frame=patched_rows(start, by_layer[start]), start=program.block_position(start),
-                init_state=init_state, on_block=join,
-            ).x
-            # rows are in chunk order: layers in turn, positions within a layer in turn
-            for k, (layer, p) in enumerate(chunk):
-                store[layer, p] = _as_scalar(patching_metric(logits[k * batch : (k + 1) * batch]))
-    return store
+def get_act_patch_state_batched(
+    model: Any,
+    corrupted_tokens: Int[torch.Tensor, "batch pos"],
+    clean_cache: Any,
+    patching_metric: Callable[[Float[torch.Tensor, "batch pos d_vocab"]], Any],
+    where: str = "state_in",
+    index_axis_names: Sequence[str] = ("step", "pos"),
+    batch_size: int | None = None,
+    *,
+    verbose: bool = True,
+    n_steps: int | None = None,
+) -> torch.Tensor:
+    """:func:`get_act_patch_state` (same arguments and result), many patched runs per forward
+    pass, each started at the step it patches.
+
+    >>> import torch
+    >>> from tl_loop import HookedLoopedTransformer, LoopedConfig
+    >>> model = HookedLoopedTransformer(LoopedConfig(d_model=16, d_head=4, d_vocab=20, n_steps=3), seed=0)
+    >>> clean, corrupted = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 9, 3]])
+    >>> _, clean_cache = model.run_with_cache(clean)
+    >>> metric = lambda l: l[0, -1, 5]
+    >>> torch.allclose(get_act_patch_state_batched(model, corrupted, clean_cache, metric, verbose=False),
+    ...                get_act_patch_state(model, corrupted, clean_cache, metric), atol=1e-5)
+    True
+    """
+    plan = _state_plan(model, corrupted_tokens, clean_cache, where, index_axis_names, n_steps)
+    return _sweep_batched(model, corrupted_tokens, patching_metric, *plan, batch_size, verbose, clean_cache,
+                          "get_act_patch_state_batched")
