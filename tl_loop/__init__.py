@@ -3,10 +3,10 @@
 Public names::
 
     LoopedConfig, HookedLoopedTransformer, Schedule, EffectiveLayer,
-    LoopedActivationCache, attribution_names_filter, patching (module), errors (module)
+    LoopedActivationCache, attribution_names_filter, patching (module), exits (module), errors (module)
 """
 
-from tl_loop import errors, patching
+from tl_loop import errors, exits, patching
 from tl_loop.cache import LoopedActivationCache, attribution_names_filter
 from tl_loop.config import LoopedConfig
 from tl_loop.errors import CheckpointError, InputError, UnsupportedError
@@ -23,6 +23,7 @@ __all__ = [
     "LoopedActivationCache",
     "attribution_names_filter",
     "patching",
+    "exits",
     "errors",
     "CheckpointError",
     "InputError",
