@@ -267,3 +267,38 @@ def test_exit_rule_parsing():
     assert exits.parse("argmax_stability:3") == exits.argmax_stability(3)
     assert exits.parse("kl") == exits.kl()
     assert exits.parse(None) is None
+
+
+# ---------------------------------------------------------------------------- CLI and figure
+def test_cli_generate_prints_text_and_steps(capsys):
+    from tl_loop.cli import main
+
+    code = main(["generate", str(FIXTURES / "raven_tiny"), "--tokens", "1,2,3,4", "--max-new-tokens", "5",
+                 "--steps", "4", "--exit", "entropy_diff:0.012"])
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out[0].split()) == 9  # prompt + 5 token ids
+    assert "n_steps=4, exit: entropy_diff(0.012)" in out[2]
+    steps = [int(line.split()[-1]) for line in out[3:8]]
+    assert all(1 <= s <= 4 for s in steps)
+
+
+def test_cli_generate_errors_are_one_line(capsys):
+    from tl_loop.cli import main
+
+    assert main(["generate", str(FIXTURES / "raven_tiny"), "--tokens", "1,2", "--exit", "gate:0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "exit gate" in err and "\n" not in err
+
+
+def test_generation_figure(tmp_path):
+    from tl_loop.plot import generation_steps_figure
+
+    model = make_model("huginn_like", n_steps=6)
+    out = model.generate(torch.tensor([[3, 1, 4, 1, 5]]), max_new_tokens=8, exit=exits.latent_diff(0.5), **GREEDY)
+    fig = generation_steps_figure(out)
+    heat, bars = fig.data
+    assert list(bars.y) == out.steps_used[0].tolist()
+    assert list(heat.text[0]) == [str(t) for t in out.new_tokens[0].tolist()]
+    assert "exit: latent_diff(0.5)" in fig.layout.title.text
+    fig.write_html(tmp_path / "generation.html")

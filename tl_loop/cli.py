@@ -1,4 +1,5 @@
-"""Command line: ``tl-loop info MODEL`` and ``tl-loop report [MODEL] --prompt ... --out report.html``.
+"""Command line: ``tl-loop info MODEL``, ``tl-loop report [MODEL] --prompt ... --out report.html``
+and ``tl-loop generate MODEL --prompt TEXT --exit entropy_diff:0.01`` (``tl_loop.generation_cli``).
 
 ``MODEL`` is anything ``HookedLoopedTransformer.from_pretrained`` accepts (a local folder, a Hub
 id, or the name of an embedded model); ``python -m tl_loop`` is the same command.
@@ -49,11 +50,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("--steps", type=int, default=None, help="number of recurrent steps")
     report.add_argument("--out", default="report.html", help="output HTML file")
     report.add_argument("--no-progress", action="store_true")
+    from tl_loop import generation_cli
+
+    generation_cli.add_arguments(sub.add_parser("generate", help=generation_cli.HELP))
     args = parser.parse_args(argv)
 
     from tl_loop.errors import TlLoopError
 
     try:
+        if args.command == "generate":
+            print(generation_cli.run(args))  # noqa: T201 - CLI output
+            return 0
         model = _load(args.model, args.steps)
         if args.command == "info":
             from tl_loop.report import format_summary, model_summary
