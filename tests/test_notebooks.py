@@ -25,6 +25,7 @@ EXPECTED = [
     "03_fixed_points.ipynb",
     "04_stages_of_inference.ipynb",
     "05_head_attribution.ipynb",
+    "06_generation.ipynb",
 ]
 CELL_TIMEOUT_S = 300
 #: The kernel inherits the environment; these keep torch (and BLAS) to one thread.
