@@ -302,3 +302,23 @@ def test_generation_figure(tmp_path):
     assert list(heat.text[0]) == [str(t) for t in out.new_tokens[0].tolist()]
     assert "exit: latent_diff(0.5)" in fig.layout.title.text
     fig.write_html(tmp_path / "generation.html")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_feedforward_generate_equals_transformers(tmp_path, name):
+    """A feedforward checkpoint at its own depth decodes as ``transformers``' ``generate``, left
+    padding included."""
+    pytest.importorskip("transformers")
+    from test_loading_feedforward import _hf_model
+
+    hf = _hf_model(name)
+    hf.save_pretrained(str(tmp_path))
+    hf.generation_config.eos_token_id = None  # decode every token, as stop_at_eos=False
+    ours = HookedLoopedTransformer.from_pretrained(tmp_path)
+    prompt = torch.tensor([[0, 0, 5, 17, 3, 42, 8], [11, 12, 13, 14, 15, 16, 17]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    ref = hf.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                      output_logits=True, pad_token_id=0)
+    out = ours.generate(prompt, attention_mask=mask, max_new_tokens=6, **GREEDY)
+    assert torch.equal(out.tokens, ref.sequences)
+    assert rel_dev(out.logits, torch.stack(ref.logits, 1)) <= PARITY
