@@ -324,3 +324,67 @@ def test_zero_steps_with_an_unrecorded_random_state_is_refused(tokens):
     _, cache = make_model("olmo_retro_like", n_coda_layers=0).run_with_cache(tokens, n_steps=0)
     with pytest.raises(UnsupportedError, match="n_steps=0"):
         cache.accumulated_resid()
+
+
+# ------------------------------------------------------------------ full decompositions
+def stream_into(cache, layer: int, mlp_input: bool) -> torch.Tensor:
+    if layer == cache.model.cfg.n_layers:
+        return cache.accumulated_resid()[-1]
+    return cache[f"blocks.{layer}.hook_resid_mid" if mlp_input else f"blocks.{layer}.hook_resid_pre"]
+
+
+@pytest.mark.parametrize("expand_neurons", [True, False], ids=["neurons", "mlp_layers"])
+def test_full_resid_decomposition_sums_to_the_stream_in_every_layout(readout_case, tokens, expand_neurons):
+    # Every injection (none / add / linear) x norm placement (pre, output, resid, between and
+    # after steps) x inner cycles: no remainder row, so the rows must add up by themselves.
+    model = readout_model(readout_case)
+    _, cache = model.run_with_cache(tokens)
+    n = model.cfg.n_layers
+    for layer in sorted({1, n // 2, n - 1, n}):
+        for mlp_input in (False, True) if layer < n else (False,):
+            rows, labels = cache.get_full_resid_decomposition(
+                layer, mlp_input=mlp_input, expand_neurons=expand_neurons, return_labels=True
+            )
+            want = stream_into(cache, layer, mlp_input)
+            assert rows.shape[0] == len(labels) and labels[-1] == "bias"
+            assert relative_error(rows.sum(0), want) < 1e-5, (layer, mlp_input)
+    # TransformerLens's row order: heads, then neurons (or MLP layers), then embeddings, then bias.
+    kinds = ["head" if "H" in l else "mlp" if ("N" in l or l.endswith("_mlp_out")) else l for l in labels]
+    first = {k: kinds.index(k) for k in dict.fromkeys(kinds)}
+    assert list(first) == sorted(first, key=first.get) and kinds[0] == "head"
+    assert kinds.index("embed") > max(k for k, kind in enumerate(kinds) if kind in ("head", "mlp"))
+
+
+def test_neuron_results_carry_each_mlp_write_through_what_follows(readout_case, tokens):
+    # Neurons of layer i plus the biases make up that MLP's row of the exact layer decomposition:
+    # swapping the MLP rows for the neuron rows (biases in the bias row) keeps the total.
+    model = readout_model(readout_case)
+    _, cache = model.run_with_cache(tokens)
+    n = model.cfg.n_layers
+    neurons, labels = cache.stack_neuron_results(n, return_labels=True)
+    d_mlp = model.cfg.d_mlp
+    assert labels[:d_mlp] == [f"L0N{k}" for k in range(d_mlp)] and len(labels) == n * d_mlp
+    with_neurons, neuron_labels = cache.get_full_resid_decomposition(n, expand_neurons=True, return_labels=True)
+    torch.testing.assert_close(with_neurons[neuron_labels.index("L0N0") : neuron_labels.index("L0N0") + len(labels)], neurons)
+    # With a remainder the stack sums to the stream; a neuron slice keeps only those neurons.
+    stack = cache.stack_neuron_results(n, incl_remainder=True)
+    assert relative_error(stack.sum(0), stream_into(cache, n, False)) < 1e-5
+    two, two_labels = cache.stack_neuron_results(n, neuron_slice=[0, 3], return_labels=True)
+    assert two_labels[:2] == ["L0N0", "L0N3"] and len(two_labels) == 2 * n
+    torch.testing.assert_close(two[1], neurons[3])
+
+
+@pytest.mark.parametrize("variant", ["plain"])
+def test_full_decomposition_equals_transformer_lens_where_the_stream_is_a_plain_sum(variant, tokens):
+    from transformer_lens import ActivationCache
+
+    model = make_model(variant, o_bias=True, mlp_bias=True, gated_mlp=False, act_fn="gelu")
+    _, cache = model.run_with_cache(tokens)
+    for layer, mlp_input in [(model.cfg.n_layers, False), (2, True)]:
+        ours, labels = cache.get_full_resid_decomposition(layer, mlp_input=mlp_input, return_labels=True)
+        theirs, tl_labels = ActivationCache.get_full_resid_decomposition(cache, layer, mlp_input=mlp_input, return_labels=True)
+        assert labels == tl_labels
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        ours_n = cache.stack_neuron_results(layer, mlp_input=mlp_input)
+        theirs_n = ActivationCache.stack_neuron_results(cache, layer, mlp_input=mlp_input)
+        torch.testing.assert_close(ours_n, theirs_n, rtol=1e-5, atol=1e-5)

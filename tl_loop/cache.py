@@ -10,8 +10,9 @@ module replays the forward pass (in the schedule's order) on stacks of component
 the result sum to the residual stream at the requested layer, up to float rounding.
 
 Components: ``embed``, ``pos_embed`` (learned positions), ``init_state`` (random initial
-state), ``inner_init`` (HRM), ``{i}_attn_out`` and ``{i}_mlp_out`` (or ``L{i}H{h}`` per head), and
-``bias`` (every constant: norm and projection biases), carried through everything that follows them.
+state), ``inner_init`` (HRM), ``{i}_attn_out`` (or ``L{i}H{h}`` per head) and ``{i}_mlp_out`` (or
+``L{i}N{n}`` per neuron), and ``bias`` (every constant: norm and projection biases), carried
+through everything that follows them.
 """
 
 from __future__ import annotations
@@ -107,8 +108,15 @@ class _Replay(Interpreter):
     forward pass applied (norms with their cached scale, injection, the adapter).
     """
 
-    def __init__(self, cache: "LoopedActivationCache", mode: Literal["layers", "heads"], pos_slice: Slice) -> None:
-        self.cache, self.mode, self.pos_slice = cache, mode, pos_slice
+    def __init__(
+        self,
+        cache: "LoopedActivationCache",
+        pos_slice: Slice,
+        attn_unit: Literal["layer", "head"] = "layer",
+        mlp_unit: Literal["layer", "neuron"] = "layer",
+    ) -> None:
+        self.cache, self.pos_slice = cache, pos_slice
+        self.attn_unit, self.mlp_unit = attn_unit, mlp_unit
         self.model = cache.model
         self.cfg = self.model.cfg
         self.schedule: Schedule = self.model.schedule
@@ -132,13 +140,16 @@ class _Replay(Interpreter):
         if self.cfg.inner_cycles and self.cfg.inner_state_init == "learned" and self.schedule.n_steps > 0:
             labels.append("inner_init")
         for i in range(layer + (1 if mlp_input else 0)):
-            if self.mode == "heads":
-                labels += [f"L{i}H{h}" for h in range(self.cfg.n_heads)]
-            else:
-                labels.append(f"{i}_attn_out")
+            labels += self.attn_labels(i)
             if i < layer:
-                labels.append(f"{i}_mlp_out")
+                labels += self.mlp_labels(i)
         return labels
+
+    def attn_labels(self, i: int) -> list[str]:
+        return [f"L{i}H{h}" for h in range(self.cfg.n_heads)] if self.attn_unit == "head" else [f"{i}_attn_out"]
+
+    def mlp_labels(self, i: int) -> list[str]:
+        return [f"L{i}N{n}" for n in range(self.cfg.d_mlp)] if self.mlp_unit == "neuron" else [f"{i}_mlp_out"]
 
     # ---- streams ----
     def fresh(self, label: str | None = None, value: torch.Tensor | None = None) -> _Stream:
@@ -175,9 +186,15 @@ class _Replay(Interpreter):
             f.x.rows[self.row["pos_embed"]] = self.get("hook_pos_embed")
 
     def block(self, op: Any, f: RunFrame) -> None:
-        block = self.model.blocks[op.index]
-        stream = self.attention_half(f.x, op.index, block)
-        stream.rows[self.row[f"{op.index}_mlp_out"]] += self.get(f"blocks.{op.index}.hook_mlp_out")
+        i = op.index
+        block = self.model.blocks[i]
+        stream = self.attention_half(f.x, i, block)
+        if self.mlp_unit == "neuron":  # neuron n writes post[..., n] * W_out[n] (then ln2_post)
+            post = self.get(f"blocks.{i}.mlp.hook_post")
+            parts = post[..., None] * block.mlp.W_out.to(post.dtype)  # [..., pos, d_mlp, d_model]
+            self.add_parts(stream, parts, self.mlp_labels(i), block.mlp.b_out, block, "ln2_post", i)
+        else:
+            stream.rows[self.row[f"{i}_mlp_out"]] += self.get(f"blocks.{i}.hook_mlp_out")
         if self.cfg.resid_norm:
             stream = self.norm(stream, block.ln_resid_post, f"blocks.{op.index}.ln_resid_post.hook_scale")
         f.x = stream
@@ -241,25 +258,30 @@ class _Replay(Interpreter):
 
     def attention_half(self, stream: _Stream, i: int, block: Any) -> _Stream:
         """The block's attention output added (and the stream normed after the add, Huginn)."""
-        cfg = self.cfg
-        if self.mode == "heads":
-            result = self.cache._head_result(i)
-            result = self.pos_slice.apply(result, dim=-3)  # [..., pos, head, d_model]
-            b_o = block.attn.b_O
-            if cfg.output_norm:
-                scale = self.get(f"blocks.{i}.ln1_post.hook_scale")[..., None, :]  # broadcast heads
-                result = block.ln1_post.apply_fixed_scale(result, scale)
-                b_o = block.ln1_post.apply_fixed_scale(b_o.expand_as(stream.const), self.get(f"blocks.{i}.ln1_post.hook_scale"))
-                if block.ln1_post.b is not None:
-                    b_o = b_o + block.ln1_post.b
-            for h in range(cfg.n_heads):
-                stream.rows[self.row[f"L{i}H{h}"]] += result[..., h, :]
-            stream.const = stream.const + b_o
+        if self.attn_unit == "head":
+            result = self.pos_slice.apply(self.cache._head_result(i), dim=-3)  # [..., pos, head, d_model]
+            self.add_parts(stream, result, self.attn_labels(i), block.attn.b_O, block, "ln1_post", i)
         else:
             stream.rows[self.row[f"{i}_attn_out"]] += self.get(f"blocks.{i}.hook_attn_out")
-        if cfg.resid_norm:
+        if self.cfg.resid_norm:
             stream = self.norm(stream, block.ln_resid_mid, f"blocks.{i}.ln_resid_mid.hook_scale")
         return stream
+
+    def add_parts(
+        self, stream: _Stream, parts: torch.Tensor, labels: list[str], bias: torch.Tensor, block: Any, post_norm: str, i: int
+    ) -> None:
+        """Add a sublayer's write split into parts (``[..., pos, part, d_model]``, in the order of
+        ``labels``) and its bias, each through the sublayer's output norm where there is one."""
+        if self.cfg.output_norm:
+            norm = getattr(block, post_norm)
+            scale = self.get(f"blocks.{i}.{post_norm}.hook_scale")
+            parts = norm.apply_fixed_scale(parts, scale[..., None, :])  # broadcast over the parts
+            bias = norm.apply_fixed_scale(bias.expand_as(stream.const), scale)
+            if norm.b is not None:
+                bias = bias + norm.b
+        first = self.row[labels[0]]
+        stream.rows[first:first + len(labels)] += parts.movedim(-2, 0)
+        stream.const = stream.const + bias
 
     def finish(self, stream: _Stream, labels: list[str]) -> tuple[torch.Tensor, list[str]]:
         rows = stream.rows
@@ -374,7 +396,7 @@ class LoopedActivationCache(ActivationCache):
         ``resid_mid`` with ``mlp_input``)."""
         layer = self._resolve_layer(layer)
         pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
-        rows, labels = _Replay(self, "layers", pos_slice).run_to(layer, mlp_input)
+        rows, labels = _Replay(self, pos_slice).run_to(layer, mlp_input)
         keep = [
             k for k, label in enumerate(labels)
             if not (mode == "mlp" and label.endswith("_attn_out"))
@@ -398,7 +420,7 @@ class LoopedActivationCache(ActivationCache):
         residual stream entering ``layer``; ``incl_remainder`` adds the rest of the stream."""
         layer = self._resolve_layer(layer)
         pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
-        rows, labels = _Replay(self, "heads", pos_slice).run_to(layer, mlp_input=False)
+        rows, labels = _Replay(self, pos_slice, attn_unit="head").run_to(layer, mlp_input=False)
         keep = [k for k, label in enumerate(labels) if label.startswith("L") and "H" in label]
         heads, head_labels = rows[keep], [labels[k] for k in keep]
         if incl_remainder:
@@ -409,17 +431,78 @@ class LoopedActivationCache(ActivationCache):
             heads = self.apply_ln_to_stack(heads, layer, pos_slice=pos_slice)
         return (heads, head_labels) if return_labels else heads
 
-    def get_full_resid_decomposition(self, *args: Any, **kwargs: Any) -> Any:
-        cfg = self.model.cfg
-        plain_sum = not (cfg.resid_norm or cfg.output_norm or cfg.has_loop_norm or cfg.injection == "linear"
-                         or cfg.inner_cycles or cfg.state_init == "random")
-        if not plain_sum:
-            raise UnsupportedError(
-                "get_full_resid_decomposition assumes the residual stream is a plain sum of "
-                "components, which this looped layout's norms/injection break; use the exact "
-                "decompose_resid() or stack_head_results() instead"
-            )
-        return super().get_full_resid_decomposition(*args, **kwargs)
+    def stack_neuron_results(  # type: ignore[override]
+        self,
+        layer: int,
+        pos_slice: Any = None,
+        neuron_slice: Any = None,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        apply_ln: bool = False,
+        project_output_onto: torch.Tensor | None = None,
+        mlp_input: bool = False,
+    ) -> Any:
+        """Exact per-neuron contributions (``L{i}N{n}``: ``post[n] * W_out[n]``, carried through
+        every norm, adapter and injection up to ``layer``) of every layer before ``layer`` to the
+        stream entering it (``resid_mid`` with ``mlp_input``); ``incl_remainder`` adds the rest."""
+        layer = self._resolve_layer(layer)
+        pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        rows, labels = _Replay(self, pos_slice, mlp_unit="neuron").run_to(layer, mlp_input)
+        picked = set(Slice.unwrap(neuron_slice).apply(torch.arange(self.model.cfg.d_mlp), dim=0).reshape(-1).tolist())
+        keep = [k for k, label in enumerate(labels) if _neuron_of(label) in picked]
+        neurons, neuron_labels = rows[keep], [labels[k] for k in keep]
+        if incl_remainder:
+            neurons = torch.cat([neurons, (rows.sum(0) - neurons.sum(0))[None]], dim=0)
+            neuron_labels = neuron_labels + ["remainder"]
+        return self._finish_stack(neurons, neuron_labels, layer, pos_slice, mlp_input, apply_ln, project_output_onto, return_labels)
+
+    def get_full_resid_decomposition(  # type: ignore[override]
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        expand_neurons: bool = True,
+        apply_ln: bool = False,
+        pos_slice: Any = None,
+        return_labels: bool = False,
+        project_output_onto: torch.Tensor | None = None,
+    ) -> Any:
+        """Every head, every neuron (or MLP layer), the embeddings, the initial states and the
+        biases, each carried exactly to the stream entering ``layer``: TransformerLens's row order
+        (heads, neurons, ``embed``, ``pos_embed``, then ``init_state`` / ``inner_init`` where the
+        layout has them, ``bias``), and the rows sum to the stream for every layout."""
+        layer = self._resolve_layer(layer)
+        pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+        replay = _Replay(self, pos_slice, attn_unit="head", mlp_unit="neuron" if expand_neurons else "layer")
+        rows, labels = replay.run_to(layer, mlp_input)
+        if labels[-1] != "bias":  # TransformerLens always ends with the bias row
+            rows, labels = torch.cat([rows, torch.zeros_like(rows[:1])]), labels + ["bias"]
+        rank = {"head": 0, "mlp": 1, "embed": 2, "pos_embed": 3, "init_state": 4, "inner_init": 5, "bias": 6}
+
+        def kind(label: str) -> str:
+            if label in rank:
+                return label
+            return "head" if ("H" in label and label.startswith("L")) or label.endswith("_attn_out") else "mlp"
+
+        order = sorted(range(len(labels)), key=lambda k: rank[kind(labels[k])])  # stable: layer order kept
+        return self._finish_stack(rows[order], [labels[k] for k in order], layer, pos_slice, mlp_input, apply_ln,
+                                  project_output_onto, return_labels)
+
+    def _finish_stack(
+        self, stack: torch.Tensor, labels: list[str], layer: int, pos_slice: Slice, mlp_input: bool,
+        apply_ln: bool, project_output_onto: torch.Tensor | None, return_labels: bool,
+    ) -> Any:
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+        if project_output_onto is not None:
+            stack = stack @ project_output_onto.to(stack.dtype)
+        return (stack, labels) if return_labels else stack
+
+
+def _neuron_of(label: str) -> int | None:
+    """``L{i}N{n}`` -> ``n``."""
+    if label.startswith("L") and "N" in label:
+        return int(label.rsplit("N", 1)[1])
+    return None
 
 
 def attribution_names_filter(name: str) -> bool:

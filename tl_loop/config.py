@@ -56,7 +56,7 @@ class LoopedConfig(TransformerLensConfig):
     n_ctx: int = 2048  # longest sequence accepted (also the RoPE table length)
     d_vocab: int = 256
     positional_embedding_type: str = "rotary"  # rotary (RoPE) | standard (learned W_pos, GPT-2)
-    normalization_type: str | None = "RMS"
+    normalization_type: str | None = None  # TransformerLens's name for ln1/ln2/ln_final; None: derived
     act_fn: str = "silu"
     gated_mlp: bool = True
     eps: float = 1e-6
@@ -76,12 +76,12 @@ class LoopedConfig(TransformerLensConfig):
     state_init_scale: float = 1.0  # random init is multiplied by this (Huginn: embed scale)
     state_init_seed: int = 0  # seed of the default random state (forward passes are repeatable)
     inner_state_init: StateInit = "zeros"  # HRM: zeros | learned (a z_L_init parameter)
-    injection: Injection = "none"  # how the prelude output enters each step
+    injection: Injection | None = None  # how the source enters each step; None: add with inner cycles, else none
     adapter_bias: bool = False  # bias of the linear adapter on concat(state, prelude_out)
 
     # ---- normalisation ----
-    norm_type: NormType = "RMS"
-    norm_weights: bool = True  # False: parameter-free norms (HRM)
+    norm_type: NormType | None = None  # None: from normalization_type, else RMS
+    norm_weights: bool | None = None  # False: parameter-free norms (HRM); None: from normalization_type
     pre_norm: bool = True  # norm on the input of each sublayer (Llama)
     output_norm: bool = False  # norm on each sublayer's output before the add (Ouro, OLMo-2)
     resid_norm: bool = False  # norm on the residual stream after each add (Huginn sandwich)
@@ -130,12 +130,33 @@ class LoopedConfig(TransformerLensConfig):
             self.n_key_value_heads = self.n_heads
         if self.state_init_std is None:
             self.state_init_std = math.sqrt(2.0 / (5.0 * self.d_model))
-        if self.normalization_type is not None and self.normalization_type != self._tl_norm_type:
-            self.normalization_type = self._tl_norm_type
+        self._resolve_norms()
+        if self.injection is None:
+            self.injection = "add" if self.inner_cycles else "none"
         self.final_rms = self.norm_type == "RMS"
         self.uses_rms_norm = self.norm_type == "RMS"
         self._validate()
         self.n_layers = self.effective_depth(self.n_steps)
+
+    def _resolve_norms(self) -> None:
+        """``norm_type`` / ``norm_weights`` and TransformerLens's ``normalization_type`` describe
+        the same norms: one given fills in the others; given together they must agree. (After
+        ``fold_layer_norm`` the block norms are parameter-free, ``RMSPre`` / ``LNPre``, while
+        output or loop norms may keep weights: ``...Pre`` with ``norm_weights=True`` is allowed.)"""
+        tl = self.normalization_type
+        if tl is not None and tl not in ("LN", "LNPre", "RMS", "RMSPre"):
+            raise ValueError(f"LoopedConfig: normalization_type must be LN, LNPre, RMS or RMSPre, got {tl!r}")
+        base = None if tl is None else tl.removesuffix("Pre")
+        if self.norm_type is None:
+            self.norm_type = base or "RMS"  # type: ignore[assignment]
+        elif base is not None and base != self.norm_type:
+            raise ValueError(f"LoopedConfig: normalization_type={tl!r} disagrees with norm_type={self.norm_type!r}")
+        if self.norm_weights is None:
+            self.norm_weights = tl is None or tl == base
+        elif tl is not None and tl == base and not self.norm_weights:
+            raise ValueError(f"LoopedConfig: normalization_type={tl!r} (weighted norms) disagrees with norm_weights=False")
+        if tl is None:
+            self.normalization_type = self._tl_norm_type
 
     @property
     def _tl_norm_type(self) -> str:

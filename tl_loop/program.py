@@ -171,7 +171,6 @@ class Program(Sequence[Op]):
 
         blocks(cfg.n_prelude_layers)
         ops.append(EnterLoop())
-        injection = "add" if cfg.inner_cycles else cfg.injection
         gate_after_final = last_gate_reads_final_norm(cfg)
         for r in range(n):
             ops.append(StateIn(r))
@@ -179,7 +178,7 @@ class Program(Sequence[Op]):
                 ops.append(InnerIn(r, c))
                 blocks(cfg.n_inner_layers)
                 ops.append(InnerOut(r, c, norm=cfg.inner_norm))
-            ops.append(Inject(r, how=injection))
+            ops.append(Inject(r, how=cfg.injection))
             blocks(cfg.n_core_layers)
             ops.append(StateOut(r, norm=cfg.norm_between_steps and r < n - 1))
             if cfg.exit_gate and r < n - 1:

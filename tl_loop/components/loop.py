@@ -41,7 +41,7 @@ class LoopStep(nn.Module):
         self.hook_state_in = LoopHookPoint()  # [batch, pos, d_model]
         if cfg.inner_cycles:
             self.inner = nn.ModuleList(InnerCycle(cfg) for _ in range(cfg.inner_cycles))
-        if cfg.injection != "none" or cfg.inner_cycles:
+        if cfg.injection != "none":
             self.hook_injected = LoopHookPoint()  # [batch, pos, d_model]
         if cfg.norm_between_steps:
             self.ln_state = HookedNorm(loop_norm, cfg.norm_type, cfg.eps)
