@@ -322,3 +322,25 @@ def test_feedforward_generate_equals_transformers(tmp_path, name):
     out = ours.generate(prompt, attention_mask=mask, max_new_tokens=6, **GREEDY)
     assert torch.equal(out.tokens, ref.sequences)
     assert rel_dev(out.logits, torch.stack(ref.logits, 1)) <= PARITY
+
+
+def test_ouro_replay_reads_out_each_token_at_its_exit(ouro):
+    model, meta, tensors = ouro
+    out = model.generate(tensors["prompt.0"], max_new_tokens=8, exit=exits.gate(0.5), **GREEDY)
+    logits, cache = out.replay(model, names_filter=lambda n: n.endswith("hook_exit_gate"))
+    assert rel_dev(logits[:, out.prompt_length - 1:], out.logits) <= PARITY
+    assert sorted(cache.keys()) == [f"loops.{r}.hook_exit_gate" for r in range(3)]
+
+
+def test_text_prompts_and_return_types():
+    model = HookedLoopedTransformer.from_pretrained("tl-loop/varbind-looped")
+    text = model.generate("a=1;b=a;?b", max_new_tokens=1, do_sample=False, verbose=False, stop_at_eos=False)
+    assert text == "<bos>a=1;b=a;?b1"  # the answer of this 1-hop problem
+    texts = model.generate(["a=1;b=a;?b", "c=2;?c"], max_new_tokens=1, do_sample=False, verbose=False,
+                           stop_at_eos=False, return_type="str")
+    assert isinstance(texts, list) and len(texts) == 2
+    alone = model.generate("c=2;?c", max_new_tokens=1, do_sample=False, verbose=False, stop_at_eos=False)
+    assert texts == ["<bos>a=1;b=a;?b1", "<pad>" + alone] and alone == "<bos>c=2;?c2"  # padded on the left
+    tokens = model.generate("c=2;?c", max_new_tokens=1, do_sample=False, verbose=False, stop_at_eos=False,
+                            return_type="tokens")
+    assert tokens.ndim == 2 and tokens.dtype == torch.long
