@@ -288,7 +288,7 @@ def test_cli_generate_errors_are_one_line(capsys):
 
     assert main(["generate", str(FIXTURES / "raven_tiny"), "--tokens", "1,2", "--exit", "gate:0.5"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "exit gate" in err and "\n" not in err
+    assert err.startswith("tl-loop generate: error:") and "exit gate" in err and "\n" not in err
 
 
 def test_generation_figure(tmp_path):
@@ -344,3 +344,15 @@ def test_text_prompts_and_return_types():
     tokens = model.generate("c=2;?c", max_new_tokens=1, do_sample=False, verbose=False, stop_at_eos=False,
                             return_type="tokens")
     assert tokens.ndim == 2 and tokens.dtype == torch.long
+
+
+def test_random_initial_state_does_not_depend_on_the_length():
+    """Huginn's random initial state: the prompt gets forward(prompt)'s, each decoded position a
+    state of its own, whatever max_new_tokens (so a shorter run is a prefix of a longer one)."""
+    model = make_model("huginn_like")
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    short = model.generate(prompt, max_new_tokens=3, **GREEDY)
+    long = model.generate(prompt, max_new_tokens=6, **GREEDY)
+    assert torch.equal(long.tokens[:, :8], short.tokens)
+    assert torch.equal(long.init_state[:, :7], short.init_state)
+    assert rel_dev(short.logits[:, 0], model(prompt)[:, -1]) <= 1e-6

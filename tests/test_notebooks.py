@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 from pathlib import Path
 
@@ -28,6 +29,9 @@ EXPECTED = [
     "06_generation.ipynb",
 ]
 CELL_TIMEOUT_S = 300
+PLOTLY_JSON = "application/vnd.plotly.v1+json"
+#: notebooks whose figures are also drawn in headless Chromium (2-D only: no WebGL needed)
+BROWSER_CHECKED = {"01_quickstart.ipynb", "02_activation_patching.ipynb"}
 #: The kernel inherits the environment; these keep torch (and BLAS) to one thread.
 KERNEL_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -69,7 +73,7 @@ def test_strip_helper_strips():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPECTED)
-def test_notebook_runs(name):
+def test_notebook_runs(name, tmp_path):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = NotebookClient(
         nb,
@@ -84,3 +88,42 @@ def test_notebook_runs(name):
               for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, f"{name}: {errors[0].ename}: {errors[0].evalue}"
     print(f"{name}: {elapsed:.1f} s")
+    check_outputs(name, nb)
+    if name in BROWSER_CHECKED:
+        check_in_browser(nb, tmp_path)
+
+
+def check_outputs(name, nb):
+    """Figures survive HTML export: each plotly output also holds HTML, plotly.js is embedded
+    once and nothing is loaded from the network; Markdown tables are displayed, not printed."""
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    html = [o.data["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    figures = [o for o in outputs if PLOTLY_JSON in o.get("data", {})]
+    assert figures, f"{name} shows no plotly figure"
+    for o in figures:
+        assert "Plotly.newPlot" in o.data.get("text/html", ""), f"{name}: a figure has no HTML representation"
+    assert sum("plotly.js v" in h for h in html) == 1, f"{name}: plotly.js must be embedded exactly once"
+    assert not any(re.search(r"<script[^>]+src=[\"']https?:", h) for h in html), f"{name}: a script loads from the network"
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert not re.search(r"^\|.*\|\n\|[-:| ]+\|$", printed, re.M), f"{name} prints a Markdown table as text"
+
+
+def check_in_browser(nb, tmp_path):
+    """The HTML outputs in page order, as ``nbconvert --to html`` lays them out, drawn by Chromium."""
+    from browser import CHROMIUM, render
+
+    if CHROMIUM is None:
+        return
+    parts = []
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            data = o.get("data", {})
+            if "text/html" in data:
+                marker = " data-figure='fig'" if PLOTLY_JSON in data else ""
+                parts.append(f"<div{marker}>{data['text/html']}</div>")
+    page = tmp_path / "notebook.html"
+    page.write_text("<!doctype html><html><head><meta charset='utf-8'></head><body>" + "".join(parts)
+                    + "</body></html>", encoding="utf-8")
+    result = render(page, tmp_path)
+    assert result["errors"] == []
+    assert result["figures"] and all(f["plots"] == 1 and f["svg_roots"] >= 1 for f in result["figures"]), result

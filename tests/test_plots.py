@@ -149,8 +149,8 @@ def test_limiting_behaviour_figure(tmp_path):
     fig = P.limiting_behaviour_figure(A.classify_limiting_behaviour(A.cosine_to_final(states)))
     check_common(fig, legend=True)
     assert [t.name for t in fig.data if t.showlegend] == [
-        "fixed_point (50%)",
-        "orbit (50%)",
+        "fixed point (50% of tokens)",
+        "orbit (50% of tokens)",
         "1 - tau = 0.95",
     ]
     written(fig, tmp_path, "limiting")

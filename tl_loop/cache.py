@@ -311,6 +311,21 @@ class LoopedActivationCache(ActivationCache):
     def __repr__(self) -> str:
         return f"LoopedActivationCache(n_steps={self.model.n_steps}, {len(self)} activations)"
 
+    def save(self, path: Any, overwrite: bool = False) -> Any:
+        """Write into the folder ``path``, one safetensors file per hook kind, with the step count
+        and schedule; adds to a cache of the same run saved there before (``tl_loop.cache_io``)."""
+        from tl_loop.cache_io import save_cache
+
+        return save_cache(self, path, overwrite)
+
+    @classmethod
+    def load(cls, path: Any, model: Any, device: Any = None) -> "LoopedActivationCache":
+        """Reopen a saved cache bound to ``model`` at the saved depth; each hook kind's file is
+        read when one of its activations is first used."""
+        from tl_loop.cache_io import load_cache
+
+        return load_cache(cls, path, model, device)
+
     def stack_loop(self, name: str, steps: Any = None) -> Float[torch.Tensor, "step layer_in_cycle ..."]:
         """``blocks.{i}.{name}`` of every loop layer as ``[step, layer_in_cycle, ...]``."""
         return self.schedule.stack_activation(self.cache_dict, name, steps)

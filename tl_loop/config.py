@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import torch
 from transformer_lens.config import TransformerLensConfig
@@ -125,6 +125,7 @@ class LoopedConfig(TransformerLensConfig):
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific metadata, unused by forward
 
     def __post_init__(self) -> None:
+        self._validate_values()  # before TransformerLens derives anything from them
         super().__post_init__()
         if self.n_key_value_heads is None:
             self.n_key_value_heads = self.n_heads
@@ -197,6 +198,24 @@ class LoopedConfig(TransformerLensConfig):
              f"positional_embedding_type must be 'rotary' or 'standard', "
              f"got {self.positional_embedding_type!r}")
 
+    def _validate_values(self) -> None:
+        """Types, ranges and finiteness of the fields, and the ``Literal`` fields' values."""
+        problems = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = _FIELD_KINDS.get(f.name)
+            if kind is not None and not (value is None and f.name in _OPTIONAL) and not kind[0](value):
+                problems.append(f"{f.name}={value!r} (must be {kind[1]})")
+            optional = isinstance(f.type, str) and f.type.endswith(" | None")  # postponed annotations
+            alias = _LITERALS.get(f.type.removesuffix(" | None")) if isinstance(f.type, str) else f.type
+            choices = get_args(alias) if get_origin(alias) is Literal else ()
+            if choices and not (optional and value is None) and value not in choices:
+                problems.append(f"{f.name}={value!r} (must be one of {list(choices)})")
+        if self.n_heads == -1 and _is_int(self.d_head, 1) and _is_int(self.d_model, 1) and self.d_model % self.d_head:
+            problems.append(f"d_model={self.d_model} is not divisible by d_head={self.d_head}")
+        if problems:
+            raise ValueError("LoopedConfig: invalid " + "; ".join(problems))
+
     # ---- derived quantities ----
     @property
     def layers_per_step(self) -> int:
@@ -236,6 +255,40 @@ class LoopedConfig(TransformerLensConfig):
         if isinstance(values.get("dtype"), str):
             values["dtype"] = getattr(torch, values["dtype"])
         return cls(**values)
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any, minimum: float = -math.inf, exclusive: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value > minimum if exclusive else value >= minimum
+
+
+#: field -> (check, what it must be); ``_OPTIONAL`` fields may also be None.
+_FIELD_KINDS: dict[str, tuple[Any, str]] = {
+    **{name: (lambda v: _is_int(v, 1), "a positive int") for name in (
+        "d_model", "d_head", "d_mlp", "d_vocab", "n_ctx", "n_key_value_heads", "rotary_dim")},
+    "n_heads": (lambda v: v == -1 or _is_int(v, 1), "a positive int"),
+    **{name: (lambda v: _is_int(v, 0), "an int >= 0") for name in (
+        "n_prelude_layers", "n_core_layers", "n_coda_layers", "n_steps", "max_steps", "n_inner_layers",
+        "inner_cycles")},
+    "state_init_seed": (lambda v: _is_int(v, -(2**63)), "an int"),
+    "eps": (lambda v: _is_number(v, 0.0), "a finite number >= 0"),
+    "rotary_base": (lambda v: _is_number(v, 0.0, exclusive=True), "a finite number > 0"),
+    "attn_scale": (lambda v: _is_number(v, 0.0, exclusive=True), "a finite number > 0"),
+    "state_init_std": (lambda v: _is_number(v, 0.0), "a finite number >= 0"),
+    "embed_scale": (_is_number, "a finite number"),
+    "state_init_scale": (_is_number, "a finite number"),
+}
+_OPTIONAL = {"d_mlp", "n_key_value_heads", "rotary_dim", "attn_scale", "state_init_std"}
+#: The ``Literal`` aliases, for fields whose annotation is the alias's name (postponed annotations).
+_LITERALS: dict[Any, Any] = {
+    "StateInit": StateInit, "Injection": Injection, "NormType": NormType, "RotaryLayout": RotaryLayout,
+    "ProjectionLayout": ProjectionLayout, "LoopNormWeights": LoopNormWeights,
+}
 
 
 from tl_loop.components.activations import ACTIVATIONS as _ACTIVATIONS  # noqa: E402  (the one table)

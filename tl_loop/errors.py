@@ -18,3 +18,7 @@ class CheckpointError(TlLoopError, ValueError):
 
 class UnsupportedError(TlLoopError, NotImplementedError):
     """A valid request that this layout cannot answer exactly (instead of a wrong answer)."""
+
+
+class ModelInUseError(TlLoopError, RuntimeError):
+    """A model was called from a second thread while another thread was running it."""

@@ -362,10 +362,15 @@ def _eos_ids(model: Any, stop_at_eos: bool, eos_token_id: Any) -> list[int]:
 
 
 def _resolve_init(
-    model: Any, init_state: Any, batch: int, length: int, valid: torch.Tensor | None, device: torch.device
+    model: Any, init_state: Any, batch: int, prompt_len: int, length: int, mask: torch.Tensor | None,
+    positions: torch.Tensor, device: torch.device,
 ) -> torch.Tensor | None:
     """The initial state of every position to run ``[batch, length, d_model]`` (None: the
-    family's rule computes it from the prelude output in each call)."""
+    family's rule computes it from the prelude output in each call).
+
+    A random initial state (Huginn) is drawn so that it does not depend on ``max_new_tokens``,
+    the batch or the cache: the prompt's positions get what ``forward(prompt)`` draws, each
+    decoded position a state from a generator seeded with ``(cfg.state_init_seed, position)``."""
     cfg = model.cfg
     shape = (batch, length, cfg.d_model)
     dtype = model.W_E.dtype
@@ -382,9 +387,16 @@ def _resolve_init(
                 "(the initial state of every position the decoding runs)"
             )
         return init_state.to(device=device, dtype=dtype)
-    if cfg.state_init == "random":  # drawn once for every position: equal to an uncached forward's
-        return model.initial_state(torch.zeros(shape, dtype=dtype, device=device), None, None, valid)
-    return None
+    if cfg.state_init != "random":
+        return None
+    like = torch.zeros(shape, dtype=dtype, device=device)
+    state = like.clone()
+    state[:, :prompt_len] = model.initial_state(like[:, :prompt_len], None, None, mask)
+    for j in range(prompt_len, length):
+        for row in range(batch):
+            seed = 1_000_003 * (int(cfg.state_init_seed) + 1) + int(positions[row, j])
+            state[row, j] = model._random_state((1, 1, cfg.d_model), like, seed)[0, 0]
+    return state
 
 
 # ---------------------------------------------------------------------------- generate
@@ -471,7 +483,7 @@ def _decode(
         full_valid[:, :prompt_len] = mask
     positions = (full_valid.long().cumsum(-1) - 1).clamp_(min=0)
     padded = mask is not None
-    init_full = _resolve_init(model, init_state, batch, run_len, full_valid if padded else None, device)
+    init_full = _resolve_init(model, init_state, batch, prompt_len, run_len, mask, positions, device)
     used_init = torch.zeros(batch, run_len, model.cfg.d_model, dtype=model.W_E.dtype, device=device)
     cache = KVCache(batch, run_len) if use_cache else None
     seq = tokens

@@ -27,7 +27,9 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -46,7 +48,8 @@ from tl_loop.components.norm import HookedNorm, NormWeights
 from tl_loop.components.rotary import RotaryTables, rotary_inv_freq, rotary_tables
 from tl_loop.components.base import all_hook_points
 from tl_loop.config import LoopedConfig
-from tl_loop.errors import InputError
+from tl_loop.devices import PlacementMixin
+from tl_loop.errors import InputError, ModelInUseError
 from tl_loop.execution import Forward
 from tl_loop.program import Program, RunFrame
 from tl_loop.schedule import Schedule
@@ -54,6 +57,46 @@ from tl_loop.splice import attach_splices, check_splice, detached_site_points
 from tl_loop.weight_processing import WeightProcessingMixin
 
 ReturnType = Literal["logits", "loss", "both"] | None
+
+
+class _CallGuard:
+    """The thread rule: one thread at a time runs a model. Its views, hooks and depth are shared
+    mutable state, so a call from a second thread while one is inside the model raises
+    ``ModelInUseError`` instead of computing with the other call's depth or hooks. Re-entrant
+    within a thread (the forward pass calls itself through ``steps()``); a fresh guard on copy."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __deepcopy__(self, memo: dict) -> "_CallGuard":
+        return _CallGuard()
+
+    def __reduce__(self) -> tuple:
+        return (_CallGuard, ())
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if not self._lock.acquire(blocking=False):
+            raise ModelInUseError(
+                "the model is in use by another thread: a HookedLoopedTransformer runs one call at a time "
+                "(its hooks and depth are shared); give each thread its own copy (copy.deepcopy(model)) "
+                "or serialise the calls with a lock"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+
+def _exclusive(method: Callable) -> Callable:
+    """Run ``method`` under the model's thread guard (see ``_CallGuard``)."""
+
+    @functools.wraps(method)
+    def wrapper(self: "HookedLoopedTransformer", *args: Any, **kwargs: Any) -> Any:
+        with self._guard():
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class _Views(nn.Module):
@@ -74,7 +117,7 @@ class _Views(nn.Module):
             step.set_last(r == n_steps - 1)
 
 
-class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
+class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootModule):
     """A looped (recurrent-depth) transformer with one hook point per effective layer.
 
     Examples:
@@ -98,6 +141,7 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         self, cfg: LoopedConfig, tokenizer: Any = None, init_weights: bool = True, seed: int | None = None
     ) -> None:
         super().__init__()
+        self._guard = _CallGuard()
         if not isinstance(cfg, LoopedConfig):
             raise InputError(f"cfg must be a LoopedConfig, got {type(cfg).__name__}")
         cfg = copy.deepcopy(cfg)  # the model owns its config: nothing it does changes the caller's
@@ -246,6 +290,7 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
             )
         return n_steps
 
+    @_exclusive
     def set_n_steps(self, n_steps: int, force: bool = False) -> None:
         """Change the default number of steps. Hook points, ``cfg.n_layers``, ``schedule`` and
         ``program`` follow; weights are not copied. Hooks stay bound to their names: a hook on a
@@ -258,12 +303,13 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
     @contextlib.contextmanager
     def steps(self, n_steps: int, force: bool = False) -> Iterator["HookedLoopedTransformer"]:
         """Temporarily run at ``n_steps`` steps: ``with model.steps(16): model.run_with_cache(...)``."""
-        previous = self.cfg.n_steps
-        self.set_n_steps(n_steps, force)
-        try:
-            yield self
-        finally:
-            self.set_n_steps(previous, force=True)
+        with self._guard():  # held for the whole block: no other thread runs at this depth
+            previous = self.cfg.n_steps
+            self.set_n_steps(n_steps, force)
+            try:
+                yield self
+            finally:
+                self.set_n_steps(previous, force=True)
 
     def _any_hooks_attached(self) -> bool:
         return any(has_hooks(hp) for hp in self.hook_points())
@@ -286,6 +332,7 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
             )
 
     # ------------------------------------------------------------------ TL verbs
+    @_exclusive
     def run_with_hooks(self, *model_args: Any, n_steps: int | None = None, force: bool = False, **kwargs: Any):  # type: ignore[override]
         """As ``HookedRootModule.run_with_hooks``; ``n_steps=`` runs (and names hooks) at that depth."""
         if n_steps is None:
@@ -293,6 +340,7 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         with self.steps(n_steps, force):
             return super().run_with_hooks(*model_args, **kwargs)
 
+    @_exclusive
     def run_with_cache(  # type: ignore[override]
         self, *model_args: Any, n_steps: int | None = None, force: bool = False, return_cache_object: bool = True, **kwargs: Any
     ):
@@ -401,6 +449,7 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
     def check_hooks_to_add(self, hook_point, hook_point_name, hook, dir="fwd", is_permanent=False, prepend=False) -> None:  # type: ignore[override]
         return None
 
+    @_exclusive
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:  # type: ignore[override]
         if isinstance(name, str) and name not in self.hook_dict:
             raise InputError(
@@ -613,6 +662,8 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         tokens = input
         if tokens.is_floating_point() or tokens.dtype == torch.bool or tokens.is_complex():
             raise InputError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        if tokens.device.type == "meta":
+            raise InputError("tokens are on the meta device (they hold no values): pass real token ids")
         if tokens.ndim == 1:
             tokens = tokens[None]
         if tokens.ndim != 2:
@@ -679,6 +730,8 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         In a padded batch (``key_valid``) each row's real positions get the state that row would
         get alone and unpadded; padding gets zeros.
         """
+        if init_seed is not None and (isinstance(init_seed, bool) or not isinstance(init_seed, int)):
+            raise InputError(f"init_seed must be an int, got {type(init_seed).__name__} {init_seed!r}")
         if init_state is not None:
             if not isinstance(init_state, torch.Tensor):
                 raise InputError(f"init_state must be a tensor, got {type(init_state).__name__}")
@@ -852,6 +905,7 @@ class HookedLoopedTransformer(WeightProcessingMixin, HookedRootModule):
         return RunFrame(layer, x=input, state=state, inner_state=inner_state, prelude_out=prelude_out,
                         source=prelude_out)
 
+    @_exclusive
     def _execute(
         self,
         tokens: torch.Tensor | None,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float
 
-from tl_loop.errors import UnsupportedError
+from tl_loop.errors import InputError, UnsupportedError
 from tl_loop.execution import HookFree
 from tl_loop.program import RunFrame
 
@@ -30,6 +30,8 @@ def read_out(
     program's operations from ``LeaveLoop`` on, run on hook-free modules. ``attention_mask``:
     the padding of the pass the states come from (``states``' batch axis is its batch)."""
     lead = states.shape[:-2]
+    if states.numel() == 0:  # no step to read out (n_steps=0): an empty step axis
+        return states.new_zeros(*states.shape[:-1], model.cfg.d_vocab)
     x = states.reshape(-1, *states.shape[-2:])
     if attention_mask is not None:
         attention_mask = attention_mask.repeat(x.shape[0] // attention_mask.shape[0], 1)
@@ -57,7 +59,7 @@ def step_states(model: Any, tokens: Any, **forward_kwargs: Any) -> Float[torch.T
         _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None, return_cache_object=False, **forward_kwargs)
         if not names:
             tokens_t = model._validate_tokens(tokens)
-            return torch.zeros(0, *tokens_t.shape, model.cfg.d_model, dtype=model.cfg.dtype)
+            return model.W_E.new_zeros(0, *tokens_t.shape, model.cfg.d_model)
         return torch.stack([cache[n] for n in names])
 
 
@@ -80,13 +82,18 @@ def exit_gate_logits(model: Any, tokens: Any, **forward_kwargs: Any) -> Float[to
     ctx = model.steps(n_steps, forward_kwargs.pop("force", False)) if n_steps is not None else _null()
     with ctx:
         names = [f"loops.{r}.hook_exit_gate" for r in range(model.cfg.n_steps)]
-        _, cache = model.run_with_cache(tokens, names_filter=names, return_cache_object=False, **forward_kwargs)
+        _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None, return_cache_object=False,
+                                        **forward_kwargs)
+        if not names:  # n_steps=0: an empty step axis
+            return model.W_E.new_zeros(0, *model._validate_tokens(tokens).shape)
         return torch.stack([cache[n][..., 0] for n in names])
 
 
 def exit_pdf(gate_logits: Float[torch.Tensor, "step ..."]) -> Float[torch.Tensor, "step ..."]:
     """Ouro's exit distribution: ``p_t = lambda_t prod_{s<t} (1 - lambda_s)``, the last step
     taking the remaining mass (computed in the logits' dtype, as the reference)."""
+    if len(gate_logits) == 0:
+        return gate_logits.clone()
     remaining = torch.ones_like(gate_logits[0])
     pdf = []
     for t, logit in enumerate(gate_logits):
@@ -116,6 +123,8 @@ def threshold_exit_logits(
     if threshold is None:
         threshold = float(model.cfg.extra.get("early_exit_threshold", 1.0))
     gates = exit_gate_logits(model, tokens, **dict(forward_kwargs))
+    if len(gates) == 0:
+        raise InputError("a threshold exit needs at least one step (n_steps=0 runs no step to exit from)")
     logits = step_logits(model, tokens, **forward_kwargs)
     cum = torch.cumsum(exit_pdf(gates), dim=0)
     reached = cum >= threshold

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from tl_loop.config import LoopedConfig
+from tl_loop.loading import write_checkpoint
+from tl_loop.loading.atomic import replace_folder
 from tl_loop.model import HookedLoopedTransformer
 from tl_loop.tasks.report import accuracy_table, ema, markdown_table, svg_line_plot, write_table_csv
 from tl_loop.tasks.varbind import VarBindTask
@@ -53,6 +55,8 @@ StepDistribution = Literal["lognormal_poisson", "uniform", "fixed"]
 
 CHECKPOINT_DIR = "checkpoint"
 LOG_FIELDS = ("iteration", "loss", "n_steps", "lr", "grad_norm", "elapsed_s")
+#: Settings a run may change when it resumes (they do not change what is computed).
+RESUME_IGNORES = ("checkpoint_every",)
 
 
 @dataclass
@@ -110,6 +114,10 @@ class TrainConfig:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         if self.step_distribution not in ("lognormal_poisson", "uniform", "fixed"):
             raise ValueError(f"unknown step_distribution {self.step_distribution!r}")
+        for name in ("iterations", "checkpoint_every", "threads", "batch_size", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "iterations" else 1):
+                raise ValueError(f"{name} must be an int >= {0 if name == 'iterations' else 1}, got {value!r}")
         if not 1 <= self.min_steps <= self.max_train_steps:
             raise ValueError("need 1 <= min_steps <= max_train_steps")
         if self.backprop_steps is not None and self.backprop_steps < 1:
@@ -262,26 +270,46 @@ def save_checkpoint(out: Path, model: HookedLoopedTransformer, optimizer: torch.
     (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "elapsed_s": elapsed, "config": cfg.to_dict()}, indent=2))
     final = out / CHECKPOINT_DIR
     old = out / (CHECKPOINT_DIR + ".old")
+    # Every folder is complete once renamed; the only copy is never deleted: without ``final``
+    # (a crash between the renames below) ``old`` is the checkpoint and stays until ``tmp`` replaces it.
     if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
         final.rename(old)
     tmp.rename(final)
     if old.exists():
         shutil.rmtree(old)
 
 
+def checkpoint_folder(out: Path) -> Path | None:
+    """The checkpoint to resume from: ``checkpoint/``, else ``checkpoint.old/`` (left by a crash
+    between the two renames of ``save_checkpoint``), else None."""
+    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
+        if (out / name / "state.json").is_file():
+            return out / name
+    return None
+
+
 def load_checkpoint(out: Path, model: HookedLoopedTransformer, optimizer: torch.optim.Optimizer,
                     cfg: TrainConfig) -> tuple[int, float]:
-    """Restore model and optimizer from ``out/checkpoint``; returns ``(iteration, elapsed_s)``."""
+    """Restore model and optimizer from the checkpoint in ``out`` (see ``checkpoint_folder``);
+    returns ``(iteration, elapsed_s)``."""
     from safetensors.torch import load_file
 
-    folder = out / CHECKPOINT_DIR
+    folder = checkpoint_folder(out)
+    if folder is None:
+        raise FileNotFoundError(f"{out} holds no checkpoint to resume from")
     state = json.loads((folder / "state.json").read_text())
     # a field added to TrainConfig after the checkpoint was written takes its default
     saved, wanted = TrainConfig.from_dict(state["config"]).to_dict(), cfg.to_dict()
+    for key in RESUME_IGNORES:
+        saved.pop(key, None), wanted.pop(key, None)
     if saved != wanted:
         diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-        raise ValueError(f"{folder} was written by another configuration (differs in {diff}); "
-                         "use another --out or pass resume=False")
+        raise ValueError(
+            f"{folder} was written with other settings (they differ in {', '.join(diff)}); to start over "
+            "with the new settings pass --no-resume (resume=False in Python), or use another --out"
+        )
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     return int(state["iteration"]), float(state["elapsed_s"])
@@ -348,7 +376,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = True, progress: bool
         optimizer = make_optimizer(model, cfg)
         start, elapsed = 0, 0.0
         log_path, eval_path = out / "train_log.csv", out / "eval_log.csv"
-        if resume and (out / CHECKPOINT_DIR / "state.json").exists():
+        if resume and checkpoint_folder(out) is not None:
             start, elapsed = load_checkpoint(out, model, optimizer, cfg)
             _truncate_csv(log_path, start)
             _truncate_csv(eval_path, start)
@@ -438,15 +466,22 @@ def _quick_eval(model: HookedLoopedTransformer, task: VarBindTask, cfg: TrainCon
 def finish(result: TrainResult, cfg: TrainConfig, export_to: Path | None = None) -> Path:
     """Save the trained model (``out/model``, or ``export_to``), evaluate it on held-out problems
     (hops x steps) and write ``REPORT.md``, ``accuracy.csv``, ``loss_curve.csv`` and
-    ``loss_curve.svg`` next to it. Returns the model folder."""
-    from tl_loop.loading import save_pretrained
+    ``loss_curve.svg`` next to it. Returns the model folder.
 
+    Everything is written into a staging folder that replaces the model folder only once complete
+    (``tl_loop.loading.atomic``): an interrupt leaves the previous model folder whole."""
+    folder = Path(export_to) if export_to is not None else result.out / "model"
+    with replace_folder(folder) as staging:
+        _write_model_folder(result, cfg, staging)
+    return folder
+
+
+def _write_model_folder(result: TrainResult, cfg: TrainConfig, folder: Path) -> None:
+    """The model, its evaluation and its report, into the (empty) folder ``folder``."""
     model, out = result.model, result.out
-    folder = Path(export_to) if export_to is not None else out / "model"
-    folder.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.set_n_steps(cfg.model.get("n_steps", cfg.max_train_steps), force=True)
-    save_pretrained(model, folder, family="tl_loop")
+    write_checkpoint(model, folder, family="tl_loop")
     task = cfg.make_task()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -505,7 +540,6 @@ def finish(result: TrainResult, cfg: TrainConfig, export_to: Path | None = None)
         "",
     ]
     (folder / "REPORT.md").write_text("\n".join(lines))
-    return folder
 
 
 def steps_text(cfg: TrainConfig) -> str:
@@ -600,20 +634,27 @@ def get_recipe(name: str) -> TrainConfig:
 
 
 def run_recipe(name: str, out: str | Path | None = None, install: bool = False, resume: bool = True,
-               progress: bool = True, **overrides: Any) -> Path:
+               progress: bool = True, force: bool = False, install_dir: str | Path | None = None,
+               **overrides: Any) -> Path:
     """Train recipe ``name`` and write its model and report; ``install`` writes them into the
-    package (``tl_loop/pretrained/<name>``), where ``from_pretrained("tl-loop/<name>")`` finds them."""
+    package (``tl_loop/pretrained/<name>``, or ``install_dir/<name>``), where
+    ``from_pretrained("tl-loop/<name>")`` finds them. An installed model is replaced only with
+    ``force=True`` (checked before training starts), and only once the new folder is complete."""
     cfg = get_recipe(name)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     cfg.__post_init__()
     out = Path(out) if out is not None else Path("tl-loop-runs") / cfg.name
-    result = train(cfg, out, resume=resume, progress=progress)
     export_to = None
     if install:
         from tl_loop.pretrained import PRETRAINED_DIR
 
-        export_to = PRETRAINED_DIR / cfg.name
+        export_to = Path(install_dir or PRETRAINED_DIR) / cfg.name
+        if export_to.exists() and not force:
+            raise FileExistsError(
+                f"{export_to} exists (the installed tl-loop/{cfg.name}); pass --force (force=True) to replace it"
+            )
+    result = train(cfg, out, resume=resume, progress=progress)
     return finish(result, cfg, export_to)
 
 
@@ -624,7 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("name", help=f"recipe: {', '.join(sorted(RECIPES))} (or {', '.join(sorted(ALIASES))})")
     r.add_argument("--out", default=None, help="run folder (default tl-loop-runs/<name>)")
     r.add_argument("--install", action="store_true", help="write the model and report into tl_loop/pretrained/<name>")
+    r.add_argument("--force", action="store_true", help="with --install: replace the installed model")
     r.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
+    r.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="write a checkpoint every N iterations (default: the recipe's, 100)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads (default: the recipe's, 2)")
     r.add_argument("--iterations", type=int, default=None, help="override the number of iterations")
     sub.add_parser("list", help="list the recipes")
@@ -638,7 +682,19 @@ def main(argv: list[str] | None = None) -> int:
         overrides["threads"] = args.threads
     if args.iterations is not None:
         overrides["iterations"] = args.iterations
-    folder = run_recipe(args.name, out=args.out, install=args.install, resume=not args.no_resume, **overrides)
+    if args.checkpoint_every is not None:
+        overrides["checkpoint_every"] = args.checkpoint_every
+    if args.force and not args.install:
+        parser.error("--force only applies with --install")
+    try:
+        folder = run_recipe(args.name, out=args.out, install=args.install, resume=not args.no_resume,
+                            force=args.force, **overrides)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError) as e:  # bad settings, a changed run, an existing install
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
     print(f"model and report written to {folder}")
     return 0
 

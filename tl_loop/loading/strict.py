@@ -25,10 +25,11 @@ class StrictTensors:
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.tensors = dict(tensors)
+        self.tensors = tensors  # not copied: a ``lazy.LazyTensors`` reads each tensor when taken
         self.used: set[str] = set()
         self.missing: list[str] = []
         self.mismatched: list[str] = []
+        self.wrong_dtype: list[str] = []
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -45,6 +46,9 @@ class StrictTensors:
         t = self.tensors[name]
         if shape is not None and tuple(t.shape) != tuple(shape):
             self.mismatched.append(f"{name}: expected {tuple(shape)}, found {tuple(t.shape)}")
+        if not t.is_floating_point():  # every weight slot is floating: never cast ints, bools, complex
+            self.wrong_dtype.append(f"{name}: {str(t.dtype).removeprefix('torch.')}")
+            return torch.zeros(t.shape)
         return t
 
     def ignore(self, *names: str) -> None:
@@ -57,6 +61,8 @@ class StrictTensors:
             problems.append(f"checkpoint is missing tensors: {sorted(self.missing)}")
         if self.mismatched:
             problems.append("shape mismatches: " + "; ".join(self.mismatched))
+        if self.wrong_dtype:
+            problems.append("tensors that must be floating point hold: " + "; ".join(self.wrong_dtype))
         unexpected = sorted(set(self.tensors) - self.used)
         if unexpected:
             problems.append(f"checkpoint has unexpected tensors: {unexpected}")
@@ -64,8 +70,10 @@ class StrictTensors:
             raise CheckpointError("\n".join(problems))
 
 
-def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``state_dict`` (our names) into ``model``, checking keys and shapes; warn on NaN/inf."""
+def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], assign: bool = False) -> None:
+    """Copy ``state_dict`` (our names) into ``model``, checking keys and shapes; warn on NaN/inf.
+
+    ``assign=True`` makes the tensors the model's parameters (no copy; the model may be on meta)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -82,6 +90,14 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
             + (f"\n  shape mismatches: {bad_shapes}" if bad_shapes else "")
         )
     for name, tensor in state_dict.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not _all_finite(tensor):
             logger.warning("checkpoint tensor %s (%s) contains NaN or inf values", name, tuple(tensor.shape))
-    model.load_state_dict(dict(state_dict), strict=True)
+    model.load_state_dict(dict(state_dict), strict=True, assign=assign)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in ``tensor``: the sum is finite unless one is (or the sum overflows, then
+    checked element-wise); far cheaper than ``isfinite(tensor).all()`` on a large bf16 tensor."""
+    if tensor.device.type == "meta":  # no values to check (a model loaded for its shapes)
+        return True
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())

@@ -17,7 +17,9 @@ function                           draws
 ``inference_stages_figure``        stages of inference of several models together
 ``limiting_behaviour_figure``      cosine to the final state per token, by class
 ``attention_views``                circuitsvis view of one head across steps
+``patching_heatmap``               a ``[row, pos]`` patching result, centred on 0
 ``generation_steps_figure``        generated text coloured by steps used, steps per token
+``use_notebook_renderer``          figures that survive HTML export (JSON + HTML, plotly.js once)
 =================================  ===================================================
 
 Save with ``fig.write_html("figure.html")`` (or ``fig.show()`` in a notebook).
@@ -33,6 +35,8 @@ from tl_loop.plot.attention import (
 from tl_loop.plot.generation import generation_steps_figure
 from tl_loop.plot.convergence import convergence_curves, residual_stats_figure, step_layer_heatmap
 from tl_loop.plot.limiting import limiting_behaviour_figure
+from tl_loop.plot.notebook import use_notebook_renderer
+from tl_loop.plot.patching import patching_heatmap
 from tl_loop.plot.stages import inference_stages_figure
 from tl_loop.plot.trajectory import cycle_distances_figure, pca_trajectory_figure
 
@@ -50,4 +54,6 @@ __all__ = [
     "inference_stages_figure",
     "limiting_behaviour_figure",
     "attention_views",
+    "patching_heatmap",
+    "use_notebook_renderer",
 ]

@@ -147,7 +147,7 @@ def paper_attention_figure(
     )
     fig.update_yaxes(title_text="concentration", row=1, col=1)
     fig.update_yaxes(title_text="mean row entropy", row=1, col=2)
-    fig.update_yaxes(title_text="fraction of heads", row=1, col=3)
+    fig.update_yaxes(title_text="fraction of heads", range=[-0.02, 1.02], row=1, col=3)  # a rate: [0, 1]
     return finish(fig, title, "step", None, "series")
 
 

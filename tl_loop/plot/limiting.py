@@ -29,7 +29,7 @@ def limiting_behaviour_figure(
     >>> cos = torch.stack([torch.ones(16), torch.tensor([0.0, 1.0] * 8)], -1)
     >>> fig = limiting_behaviour_figure(classify_limiting_behaviour(cos))
     >>> [t.name for t in fig.data if t.showlegend]
-    ['fixed_point (50%)', 'orbit (50%)', '1 - tau = 0.95']
+    ['fixed point (50% of tokens)', 'orbit (50% of tokens)', '1 - tau = 0.95']
     """
     from tl_loop.analysis.fixed_points import LIMITING_CLASSES
 
@@ -51,7 +51,7 @@ def limiting_behaviour_figure(
                 x=steps,
                 y=cos[:, t],
                 mode="lines",
-                name=f"{name} ({100 * fractions[name]:.0f}%)",
+                name=f"{name.replace('_', ' ')} ({100 * fractions[name]:.0f}% of tokens)",
                 legendgroup=name,
                 showlegend=k not in shown,
                 line={"color": CLASS_COLORS[name], "width": 1},

@@ -71,9 +71,16 @@ def pca_trajectory_figure(
             )
         )
     fig.update_layout(legend_title_text="layer of the cycle", showlegend=True)
-    if k == 3:
-        fig.update_layout(scene={"xaxis_title": axis[0], "yaxis_title": axis[1], "zaxis_title": axis[2]})
-        return finish(fig, title, legend_title="layer of the cycle")
+    if k == 3:  # short axis titles, small tick labels and room around the cube: nothing overlaps
+        short = [f"PC{i + 1} ({100 * ratio[i]:.0f}%)" for i in range(k)]
+        small = {"tickfont": {"size": 9}, "title_font": {"size": 12}}
+        fig.update_layout(
+            scene={"xaxis": {"title": {"text": short[0]}, **small}, "yaxis": {"title": {"text": short[1]}, **small},
+                   "zaxis": {"title": {"text": short[2]}, **small}, "aspectmode": "cube",
+                   "camera": {"eye": {"x": 1.6, "y": 1.6, "z": 1.0}}},
+            height=600, margin={"l": 10, "r": 10, "t": 60, "b": 10},
+        )
+        return finish(fig, title + " (axes: % of variance)", legend_title="layer of the cycle")
     return finish(fig, title, axis[0], axis[1], "layer of the cycle")
 
 
@@ -84,7 +91,8 @@ def cycle_distances_figure(
 ) -> go.Figure:
     """Plot a ``CycleDistances``: solid lines, ``d(layer j, layer j+1)`` within a step; dashed
     lines, ``d(layer j at step r, at step r-1)``. At a cycle of distinct fixed points the dashed
-    lines fall to 0 while the solid ones stay up.
+    lines fall to 0 while the solid ones stay up. A one-layer block has no distance within a step
+    (the layer is compared with itself): only the dashed line is drawn.
 
     >>> import torch
     >>> from tl_loop.analysis import cycle_distances
@@ -97,16 +105,17 @@ def cycle_distances_figure(
     fig = go.Figure()
     for j in range(n_layers):
         nxt = (j + 1) % n_layers
-        fig.add_trace(
-            go.Scatter(
-                x=np.arange(n_steps),
-                y=between[:, j],
-                mode="lines+markers",
-                name=f"layer {j} → layer {nxt} (same step)",
-                line={"color": color(j)},
-                hovertemplate=f"layer {j} → {nxt}<br>step %{{x}}<br>distance %{{y:.3g}}<extra></extra>",
+        if n_layers > 1:
+            fig.add_trace(
+                go.Scatter(
+                    x=np.arange(n_steps),
+                    y=between[:, j],
+                    mode="lines+markers",
+                    name=f"layer {j} → layer {nxt} (same step)",
+                    line={"color": color(j)},
+                    hovertemplate=f"layer {j} → {nxt}<br>step %{{x}}<br>distance %{{y:.3g}}<extra></extra>",
+                )
             )
-        )
         fig.add_trace(
             go.Scatter(
                 x=np.arange(1, n_steps),

@@ -119,6 +119,24 @@ class Mechanism:
                 out += [lhs, rhs] if rhs != lhs else [lhs]
         return tuple(out)
 
+    def role(self, pos: int) -> str:
+        """What position ``pos`` holds: ``"answer slot"``, ``"query"``, ``"hop h lhs"`` / ``"hop h rhs"``
+        (``"hop h"`` when one token holds the statement; ``" (root digit)"`` on the root's digit),
+        ``"distractor"`` or ``"other"`` (``<bos>``, ``=``, ``;``, ``?``)."""
+        if pos == self.answer_pos:
+            return "answer slot" + (" and query" if pos == self.query_pos else "")
+        if pos == self.query_pos:
+            return "query"
+        for h, (lhs, rhs) in enumerate(zip(self.lhs_pos, self.rhs_pos)):
+            root = " (root digit)" if pos == self.value_pos else ""
+            if pos == lhs == rhs:
+                return f"hop {h}{root}"
+            if pos == lhs:
+                return f"hop {h} lhs"
+            if pos == rhs:
+                return f"hop {h} rhs{root}"
+        return "distractor" if pos in self.distractor_positions else "other"
+
     def mask(self) -> torch.Tensor:
         """Boolean ``[n_positions]``: True at :attr:`relevant_positions`."""
         m = torch.zeros(self.n_positions, dtype=torch.bool)

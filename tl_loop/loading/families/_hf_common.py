@@ -25,7 +25,7 @@ import torch
 from transformer_lens.config import TransformerLensConfig
 
 from tl_loop.components.activations import ACTIVATIONS, canonical_activation
-from tl_loop.config import LoopedConfig
+from tl_loop.config import DEFAULT_MAX_STEPS, LoopedConfig
 from tl_loop.errors import CheckpointError
 
 logger = logging.getLogger("tl_loop")
@@ -58,6 +58,64 @@ _ROPE_MUST_BE_ONE = ("partial_rotary_factor", "attention_factor")
 
 #: Config fields that are bookkeeping, not layout (ignored when checking an export).
 _NOT_LAYOUT = {"family", "model_name", "extra", "max_steps", "n_layers", "device", "dtype"}
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _finite(v: Any, lower: float = -math.inf, strict: bool = False) -> bool:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return ok and (v > lower if strict else v >= lower)
+
+
+#: The numeric and boolean fields of every family's config.json: (check, what a value must be).
+#: A field given as ``null`` counts as absent. Checked before anything is built (``check_field_types``).
+FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    **dict.fromkeys((
+        "hidden_size", "n_embd", "num_attention_heads", "n_heads", "n_head", "num_key_value_heads", "head_dim",
+        "intermediate_size", "n_inner", "vocab_size", "padded_vocab_size", "max_position_embeddings",
+        "block_size", "n_positions", "n_ctx", "num_hidden_layers", "n_layer", "num_layers_per_stack",
+        "n_layers_in_recurrent_block", "sliding_window",
+    ), (_positive_int, "a positive integer")),
+    **dict.fromkeys((
+        "n_layers_in_prelude", "n_layers_in_coda", "total_ut_steps", "mean_recurrence", "H_cycles", "L_cycles",
+    ), (_count, "an integer >= 0")),
+    **dict.fromkeys(("rms_norm_eps", "norm_eps", "layer_norm_epsilon"),
+                    (lambda v: _finite(v, 0.0), "a finite number >= 0")),
+    **dict.fromkeys(("rope_base", "initializer_range"),  # rope_theta: see rope_from_hf
+                    (lambda v: _finite(v, 0.0, strict=True), "a finite number > 0")),
+    "embedding_scale": (_finite, "a finite number"),
+    **dict.fromkeys((
+        "tie_word_embeddings", "tie_embeddings", "bias", "qk_bias", "attention_bias", "mlp_bias",
+        "use_sliding_window", "prefix_lm", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+        "add_cross_attention", "use_early_exit_gate",
+    ), (lambda v: isinstance(v, bool), "true or false")),
+}
+
+
+def check_field_types(config_json: Mapping[str, Any], family: str) -> None:
+    """Raise a ``CheckpointError`` naming the first field of ``FIELD_TYPES`` whose value has the
+    wrong type or range (``total_ut_steps: 1.5``, ``num_attention_heads: 0``)."""
+    for key, (check, what) in FIELD_TYPES.items():
+        value = config_json.get(key)
+        if value is not None and not check(value):
+            raise CheckpointError(f"{family} config.json: {key}={value!r} must be {what}")
+
+
+def check_steps(value: int, key: str, family: str, max_steps: int = DEFAULT_MAX_STEPS) -> int:
+    """A step count read from config.json, through the same guard as a call's ``n_steps``."""
+    if value > max_steps:
+        raise CheckpointError(
+            f"{family} config.json: {key}={value} asks for more recurrent steps than max_steps={max_steps}; "
+            "fix the config (a model at that depth would take hours to run), or pass max_steps= where "
+            "the family accepts it"
+        )
+    return value
 
 
 def require(config_json: Mapping[str, Any], key: str, family: str) -> Any:

@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
-from tl_loop.config import LoopedConfig
+from tl_loop.config import DEFAULT_MAX_STEPS, LoopedConfig
 from tl_loop.errors import CheckpointError, InputError
-from tl_loop.loading.families._hf_common import check_activation, rope_from_hf
+from tl_loop.loading.families._hf_common import check_activation, check_field_types, check_steps, rope_from_hf
 from tl_loop.loading.registry import Family, register_family
 from tl_loop.loading.strict import StrictTensors
 
@@ -173,7 +173,11 @@ def to_config(config_json: Mapping[str, Any], tensor_names: set[str], **options:
         raise CheckpointError(
             f"the feedforward family reads model_type {list(MODEL_TYPES)}, got {model_type!r}"
         )
-    saved = dict(config_json.get(METADATA_KEY) or {})
+    check_field_types(config_json, str(model_type))
+    saved = config_json.get(METADATA_KEY) or {}
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"config.json field {METADATA_KEY!r} must be an object, got {saved!r}")
+    saved = dict(saved)
     allowed = ("layout", *LOOP_OPTIONS)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -187,7 +191,10 @@ def to_config(config_json: Mapping[str, Any], tensor_names: set[str], **options:
     if opts.get("state_init", "prelude") not in ("prelude", "zeros", "random"):
         raise InputError(f"state_init={opts['state_init']!r}: use 'prelude' (default), 'zeros' or 'random'")
     loop = {k: opts[k] for k in LOOP_OPTIONS if opts.get(k) is not None}
-    n_steps = int(saved.get("n_steps", 1))
+    n_steps = saved.get("n_steps", 1)
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
+        raise CheckpointError(f"config.json field '{METADATA_KEY}.n_steps' must be an integer >= 0, got {n_steps!r}")
+    check_steps(n_steps, f"{METADATA_KEY}.n_steps", str(model_type), loop.get("max_steps", DEFAULT_MAX_STEPS))
 
     if model_type == "gpt2":
         common = _gpt2_fields(config_json)
@@ -213,6 +220,9 @@ def to_config(config_json: Mapping[str, Any], tensor_names: set[str], **options:
 def _llama_fields(cj: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     d_model = int(_need(cj, "hidden_size"))
     n_heads = int(_need(cj, "num_attention_heads"))
+    if cj.get("head_dim") is None and d_model % n_heads:
+        raise CheckpointError(f"{model_type} config.json: hidden_size={d_model} is not a multiple of "
+                              f"num_attention_heads={n_heads} and head_dim is not given")
     d_head = int(cj.get("head_dim") or d_model // n_heads)
     if cj.get("mlp_bias"):
         raise CheckpointError("mlp_bias=True (biases on a gated MLP) is not supported")

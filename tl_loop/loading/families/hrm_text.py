@@ -55,6 +55,8 @@ from tl_loop.loading.families._hf_common import (
     check_activation,
     check_config_keys,
     check_export_layout,
+    check_field_types,
+    check_steps,
     expected_shapes,
     passthrough_metadata,
     require,
@@ -118,13 +120,15 @@ def to_config(config_json: Mapping[str, Any], tensor_names: set[str], **options:
     if options:
         raise CheckpointError(f"family 'hrm_text' takes no loading options, got {sorted(options)}")
     check_config_keys(config_json, KNOWN_KEYS, FAMILY)
+    check_field_types(config_json, FAMILY)
     for flag in ("attention_bias", "mlp_bias"):
         if config_json.get(flag):
             raise CheckpointError(
                 f"hrm_text config.json: {flag}=true is not supported (tl_loop's gated attention and "
                 "gated MLP have no biases there)"
             )
-    h_cycles, l_cycles = int(_get(config_json, "H_cycles")), int(_get(config_json, "L_cycles"))
+    h_cycles = check_steps(_get(config_json, "H_cycles"), "H_cycles", FAMILY)
+    l_cycles = check_steps(_get(config_json, "L_cycles"), "L_cycles", FAMILY)
     if h_cycles < 1 or l_cycles < 1:
         raise CheckpointError(
             f"hrm_text config.json: H_cycles={h_cycles}, L_cycles={l_cycles}; both must be >= 1"

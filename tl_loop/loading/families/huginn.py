@@ -47,9 +47,9 @@ import torch
 from jaxtyping import Float
 
 from tl_loop.components.rotary import rotary_cos_sin, rotary_inv_freq
-from tl_loop.config import DEFAULT_MAX_STEPS, LoopedConfig
+from tl_loop.config import LoopedConfig
 from tl_loop.errors import CheckpointError, InputError
-from tl_loop.loading.families._hf_common import rope_from_hf
+from tl_loop.loading.families._hf_common import check_field_types, check_steps, rope_from_hf
 from tl_loop.loading.registry import Family, register_family
 from tl_loop.loading.strict import StrictTensors
 
@@ -144,18 +144,29 @@ def _has_qk_norm(tensor_names: set[str]) -> bool:
     return any(n.endswith(".attn.q_norm.weight") for n in tensor_names)
 
 
+def _is_huginn(config_json: Mapping[str, Any], tensor_names: set[str]) -> bool:
+    """Sandwich norms in the tensors; without them (a damaged Huginn checkpoint) a config with
+    Huginn's context field only (retrofitted configs add ``max_position_embeddings``)."""
+    if _has_sandwich_norms(tensor_names):
+        return True
+    return "max_position_embeddings" not in config_json and not _has_qk_norm(tensor_names)
+
+
 def _detect(family: str, config_json: Mapping[str, Any], tensor_names: set[str]) -> bool:
     if config_json.get("model_type") != MODEL_TYPE:
         return False
-    return _has_sandwich_norms(tensor_names) == (family == "huginn")
+    return _is_huginn(config_json, tensor_names) == (family == "huginn")
 
 
-def _flavour_from_tensors(family: str, tensor_names: set[str]) -> Flavour:
+def _flavour_from_tensors(family: str, config_json: Mapping[str, Any], tensor_names: set[str]) -> Flavour:
+    """The block flavour; a Huginn checkpoint lacking some norms is read as Huginn (the missing
+    tensors are then reported by name)."""
     sandwich = _has_sandwich_norms(tensor_names)
-    if family == "huginn" and not sandwich:
+    if family == "huginn" and not _is_huginn(config_json, tensor_names):
         raise CheckpointError(
             "family 'huginn' expects sandwich blocks (norm_1..norm_4), but the checkpoint has no "
-            "norm_3/norm_4 tensors; a retrofitted-recurrence checkpoint? try family='retrofitted'"
+            "norm_3/norm_4 tensors and its config.json has the retrofitted models' "
+            "max_position_embeddings; a retrofitted-recurrence checkpoint? try family='retrofitted'"
         )
     if family == "retrofitted" and sandwich:
         raise CheckpointError(
@@ -201,8 +212,8 @@ def _init_values(raw: Mapping[str, Any], d_model: int) -> tuple[float, float]:
     std = values.get("std", math.sqrt(2 / (5 * d_model)))
     scale = values.get("embed_scale", math.sqrt(d_model))
     for key, v in (("std", std), ("embed_scale", scale)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise CheckpointError(f"config.json field 'init_values.{key}' must be a number >= 0, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise CheckpointError(f"config.json field 'init_values.{key}' must be a finite number >= 0, got {v!r}")
     return float(std), float(scale)
 
 
@@ -217,7 +228,8 @@ def _to_config(
         raise CheckpointError(
             f"family {family!r} reads model_type {MODEL_TYPE!r}, config.json says {raw.get('model_type')!r}"
         )
-    flavour = _flavour_from_tensors(family, tensor_names)
+    check_field_types(raw, family)
+    flavour = _flavour_from_tensors(family, raw, tensor_names)
     for name, accepted in SUPPORTED_VALUES.items():
         value = raw.get(name, RAVEN_DEFAULTS[name])
         if value not in accepted:
@@ -266,7 +278,7 @@ def _to_config(
         state_init_std=std,
         state_init_scale=embed_scale,
     )
-    values["max_steps"] = max(DEFAULT_MAX_STEPS, values["n_steps"])
+    check_steps(values["n_steps"], "mean_recurrence", family)
     if flavour.is_huginn:
         if n_kv != n_heads:
             raise CheckpointError(

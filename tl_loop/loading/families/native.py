@@ -30,6 +30,8 @@ def detect(config_json: Mapping[str, Any], tensor_names: set[str]) -> bool:
 def to_config(config_json: Mapping[str, Any], tensor_names: set[str], **options: Any) -> LoopedConfig:
     if CONFIG_KEY not in config_json:
         raise CheckpointError(f"a tl_loop config.json needs a {CONFIG_KEY!r} entry")
+    if not isinstance(config_json[CONFIG_KEY], Mapping):
+        raise CheckpointError(f"tl_loop config.json: {CONFIG_KEY!r} must be an object, got {config_json[CONFIG_KEY]!r}")
     values = dict(config_json[CONFIG_KEY])
     values.update(options)
     values["family"] = FAMILY

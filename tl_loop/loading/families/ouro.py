@@ -45,6 +45,8 @@ from tl_loop.loading.families._hf_common import (
     check_activation,
     check_config_keys,
     check_export_layout,
+    check_field_types,
+    check_steps,
     expected_shapes,
     passthrough_metadata,
     require,
@@ -119,6 +121,7 @@ def to_config(config_json: Mapping[str, Any], tensor_names: set[str], **options:
     if options:
         raise CheckpointError(f"family 'ouro' takes no loading options, got {sorted(options)}")
     check_config_keys(config_json, KNOWN_KEYS, FAMILY)
+    check_field_types(config_json, FAMILY)
     _check_full_attention(config_json)
     if config_json.get("attention_bias"):
         raise CheckpointError("ouro config.json: attention_bias=true is not supported (Ouro has no biases)")
@@ -139,7 +142,7 @@ def to_config(config_json: Mapping[str, Any], tensor_names: set[str], **options:
         )
     theta, scaling = rope_from_hf(config_json, FAMILY)
     n_steps = config_json.get("total_ut_steps")
-    n_steps = DEFAULT_UT_STEPS if n_steps is None else int(n_steps)
+    n_steps = check_steps(DEFAULT_UT_STEPS if n_steps is None else n_steps, "total_ut_steps", FAMILY)
     extra: dict[str, Any] = {"hf_metadata": passthrough_metadata(config_json)}
     for key in ("early_exit_threshold", "early_exit_step"):
         if config_json.get(key) is not None:
