@@ -32,7 +32,7 @@ def _bf16_copy(name: str, tmp_path: Path) -> Path:
     folder = tmp_path / name
     folder.mkdir()
     for f in (FIXTURES / name).iterdir():
-        if f.name not in ("model.safetensors", "expected.safetensors"):
+        if f.is_file() and f.name not in ("model.safetensors", "expected.safetensors"):
             (folder / f.name).write_bytes(f.read_bytes())
     weights = load_file(str(FIXTURES / name / "model.safetensors"))
     save_file({k: v if k == "freqs_cis" else v.bfloat16() for k, v in weights.items()}, str(folder / "model.safetensors"))

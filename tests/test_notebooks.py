@@ -26,6 +26,7 @@ EXPECTED = [
     "03_fixed_points.ipynb",
     "04_stages_of_inference.ipynb",
     "05_head_attribution.ipynb",
+    "06_generation.ipynb",
     "07_features_across_recurrences.ipynb",
 ]
 #: Notebooks that need an optional package: (module, why it may be missing).

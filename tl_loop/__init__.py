@@ -3,7 +3,7 @@
 Public names::
 
     LoopedConfig, HookedLoopedTransformer, Schedule, EffectiveLayer,
-    LoopedActivationCache, attribution_names_filter, patching (module), errors (module)
+    LoopedActivationCache, attribution_names_filter, patching (module), exits (module), errors (module)
 
 The names are imported on first use (PEP 562), so ``import tl_loop`` -- and the command line's
 ``--help`` -- does not pay for importing torch and TransformerLens.
@@ -18,7 +18,7 @@ from tl_loop import errors
 from tl_loop.errors import CheckpointError, InputError, ModelInUseError, UnsupportedError
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from tl_loop import patching
+    from tl_loop import exits, patching
     from tl_loop.cache import LoopedActivationCache, attribution_names_filter
     from tl_loop.config import LoopedConfig
     from tl_loop.model import HookedLoopedTransformer
@@ -35,6 +35,7 @@ _LAZY: dict[str, str | None] = {
     "LoopedActivationCache": "tl_loop.cache",
     "attribution_names_filter": "tl_loop.cache",
     "patching": None,
+    "exits": None,
 }
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "LoopedActivationCache",
     "attribution_names_filter",
     "patching",
+    "exits",
     "errors",
     "CheckpointError",
     "InputError",

@@ -1,4 +1,5 @@
-"""Command line: ``tl-loop info MODEL`` and ``tl-loop report [MODEL] --out report.html``.
+"""Command line: ``tl-loop info MODEL``, ``tl-loop report [MODEL] --out report.html`` and
+``tl-loop generate MODEL --prompt TEXT --exit entropy_diff:0.01`` (``tl_loop.generation_cli``).
 
 ``MODEL`` is anything ``HookedLoopedTransformer.from_pretrained`` accepts (a local folder, a Hub
 id, or the name of an embedded model); ``python -m tl_loop`` is the same command.
@@ -35,6 +36,7 @@ examples:
   tl-loop info tl-loop/varbind-looped
   tl-loop report --out report.html
   tl-loop report path/to/checkpoint --prompt "The capital of France is" --steps 16
+  tl-loop generate path/to/checkpoint --prompt "The capital of France is" --exit kl:5e-4
 """
 
 
@@ -228,6 +230,29 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
 
 
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    from tl_loop import generation_cli
+
+    _model_arguments(p, default=None)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", metavar="TEXT", type=prompt_text, default=None,
+                        help="text prompt (needs a tokenizer; default for a model trained by tl-loop: "
+                             "one of its held-out problems)")
+    source.add_argument("--tokens", metavar="IDS", type=token_ids, default=None,
+                        help="token ids instead of a prompt, e.g. 1,2,3")
+    generation_cli.add_arguments(p)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from tl_loop import generation_cli
+
+    check_model_arg(args.model)
+    model = _load(args.model, args.steps, args.force)
+    tokens, _ = _report_tokens(model, args)
+    print(generation_cli.run(model, tokens, args))  # noqa: T201 - CLI output
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: ``add_arguments(parser)`` declares it, ``run(args)`` returns the exit status."""
@@ -243,6 +268,8 @@ COMMANDS: list[Command] = [
             add_info_arguments, run_info),
     Command("report", "write one HTML file with the loop analyses of a model on a prompt",
             add_report_arguments, run_report),
+    Command("generate", "decode from a prompt; print the text and the steps each generated token used",
+            add_generate_arguments, run_generate),
 ]
 
 

@@ -139,9 +139,9 @@ class Forward(Interpreter):
         x = self.need(f, "x", op)
         f.state = step.hook_state_out(step.ln_state(x) if op.norm else x)
 
-    def exit_gate(self, op: ExitGate, f: RunFrame) -> None:
+    def exit_gate(self, op: ExitGate, f: RunFrame) -> torch.Tensor:
         value = f.state if op.reads == "state" else f.x
-        self.loop_module(op.step).hook_exit_gate(self.model.exit_gate(value))
+        return self.loop_module(op.step).hook_exit_gate(self.model.exit_gate(value))
 
     def leave_loop(self, op: LeaveLoop, f: RunFrame) -> None:
         state = self.need(f, "state", op)

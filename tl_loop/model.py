@@ -680,12 +680,21 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         return tokens.to(self.W_E.device).long()
 
     def attention_context(
-        self, n_pos: int, device: torch.device, attention_mask: Bool[torch.Tensor, "batch pos"] | None = None
+        self,
+        n_pos: int,
+        device: torch.device,
+        attention_mask: Bool[torch.Tensor, "batch pos"] | None = None,
+        positions: Int[torch.Tensor, "batch pos"] | None = None,
     ) -> AttentionContext:
         """What every attention layer of a pass over ``n_pos`` positions reads besides its input:
         RoPE tables, and with an ``attention_mask`` (bool, padding False) which keys are real and
-        the positions of the real tokens (``cumsum(mask) - 1``, as TransformerLens)."""
-        positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+        the positions of the real tokens (``cumsum(mask) - 1``, as TransformerLens).
+
+        ``positions``: the query tokens' positions when they are not ``0..n_pos-1`` (decoding
+        with a KV cache: the new tokens sit after the past); ``n_pos`` then bounds them (RoPE
+        tables of that length) and ``attention_mask`` covers every key."""
+        if positions is None and attention_mask is not None:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
         rotary = self._rotary(n_pos, device)
         if rotary is not None and positions is not None:
             rotary = rotary._replace(cos=rotary.cos[positions], sin_signed=rotary.sin_signed[positions])
@@ -925,6 +934,47 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
                       started_at=started_at)
         run.run(self.program, frame, start, stop)
         return frame
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        input: Any = "",
+        max_new_tokens: int = 10,
+        stop_at_eos: bool = True,
+        eos_token_id: int | list[int] | None = None,
+        do_sample: bool = True,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        freq_penalty: float = 0.0,
+        use_past_kv_cache: bool = True,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+        return_type: Literal["input", "str", "tokens"] | None = "input",
+        verbose: bool = True,
+        **options: Any,
+    ) -> Any:
+        """Sample tokens as TransformerLens's ``generate`` (same arguments and defaults), with
+        per-step KV caches (``use_past_kv_cache``) and, as keywords:
+
+        * ``n_steps``: the recurrence depth for this call (hooks are named at it);
+        * ``exit``: a per-token exit rule from ``tl_loop.exits`` (or ``"entropy_diff:0.01"``);
+          None keeps the family's read-out (Ouro: its exit gate at the configured threshold);
+        * ``init_state``: ``"zeros"``, a tensor ``[batch, P + max_new_tokens - 1, d_model]``
+          (the initial state of every position the decoding runs), or None (the family's rule);
+        * ``continuous_compute``: each new token starts from the previous token's final state;
+        * ``attention_mask`` (left padding), ``fwd_hooks`` (fire during decoding, on the new
+          positions of each call), ``force``;
+        * ``return_details=True``: a ``tl_loop.generation.GenerationResult`` (``.tokens``,
+          ``.logits``, ``.exit_step``, ``.replay(model)`` ...).
+
+        See ``tl_loop.generation`` for each family's cache and exit semantics.
+        """
+        from tl_loop.generation import generate
+
+        return generate(self, input, max_new_tokens, stop_at_eos, eos_token_id, do_sample, top_k, top_p,
+                        temperature, freq_penalty, use_past_kv_cache, prepend_bos, padding_side, return_type,
+                        verbose, **options)
 
     # ------------------------------------------------------------------ per-step read-outs
     def step_logits(self, tokens: Any, **forward_kwargs: Any) -> Float[torch.Tensor, "step batch pos d_vocab"]:

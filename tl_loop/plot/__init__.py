@@ -18,6 +18,7 @@ function                           draws
 ``limiting_behaviour_figure``      cosine to the final state per token, by class
 ``attention_views``                circuitsvis view of one head across steps
 ``patching_heatmap``               a ``[row, pos]`` patching result, centred on 0
+``generation_steps_figure``        generated text coloured by steps used, steps per token
 ``use_notebook_renderer``          figures that survive HTML export (JSON + HTML, plotly.js once)
 =================================  ===================================================
 
@@ -31,6 +32,7 @@ from tl_loop.plot.attention import (
     stabilisation_heatmap,
     step_pair_heatmap,
 )
+from tl_loop.plot.generation import generation_steps_figure
 from tl_loop.plot.convergence import convergence_curves, residual_stats_figure, step_layer_heatmap
 from tl_loop.plot.limiting import limiting_behaviour_figure
 from tl_loop.plot.notebook import use_notebook_renderer
@@ -39,6 +41,7 @@ from tl_loop.plot.stages import inference_stages_figure
 from tl_loop.plot.trajectory import cycle_distances_figure, pca_trajectory_figure
 
 __all__ = [
+    "generation_steps_figure",
     "convergence_curves",
     "step_layer_heatmap",
     "residual_stats_figure",
