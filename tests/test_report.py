@@ -13,7 +13,9 @@ from analysis_helpers import linear_loop_model
 from tl_loop import HookedLoopedTransformer
 from tl_loop import analysis as A
 from tl_loop.pretrained import task_for
-from tl_loop.report import SECTIONS, write_report
+from tl_loop import exits
+from tl_loop.errors import UnsupportedError
+from tl_loop.report import ARGMAX_STABLE_CHECKS, GENERATION_SECTIONS, GENERATION_TOKENS, SECTIONS, write_report
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = ["tl-loop/varbind-looped", "tl-loop/varbind-baseline", *(str(FIXTURES / f) for f in
@@ -49,8 +51,8 @@ def test_every_model_reports_at_every_depth(name, n_steps, tmp_path, loaded):
         tokens = torch.tensor([[1, 2, 3, 4, 5]])
     page = write_report(model, tokens, tmp_path / "r.html", n_steps=n_steps, progress=False, problem=problem).read_text()
     found = verdicts(page)
-    assert set(found) >= {s.title for s in SECTIONS}
-    for section in SECTIONS:
+    assert set(found) >= {s.title for s in SECTIONS + GENERATION_SECTIONS}
+    for section in SECTIONS + GENERATION_SECTIONS:
         if n_steps < section.min_steps:
             assert found[section.title].startswith("Not shown"), section.title
     assert page.count("data-figure=") == sum(1 for v in found.values() if v.startswith("<b>Verdict"))
@@ -90,3 +92,35 @@ def test_convergence_verdict_follows_the_numbers(tmp_path):
     verdict = verdicts(write_report(growing, tokens, tmp_path / "b.html", progress=False).read_text())
     assert "<b>not converged</b>" in verdict["Fixed-point convergence"]
     assert "<b>not converged</b>" in verdict["Cycle or single point"]
+
+
+def test_generation_section(tmp_path, monkeypatch):
+    model = HookedLoopedTransformer.from_pretrained("tl-loop/varbind-looped")
+    task = task_for(model)
+    problem = task.dataset(hops=2, n=1, split="test")[0]
+    tokens = task.encode([problem])[0]
+    page = write_report(model, tokens, tmp_path / "r.html", progress=False, problem=problem).read_text()
+    assert "data-figure='generation'" in page
+    new = min(GENERATION_TOKENS, model.cfg.n_ctx - tokens.shape[1])
+    out = model.generate(tokens, max_new_tokens=new, do_sample=False, stop_at_eos=False, verbose=False,
+                         exit=exits.argmax_stability(ARGMAX_STABLE_CHECKS), return_details=True)
+    steps = out.steps_used[0]
+    n = model.cfg.n_steps
+    assert int(steps.min()) < n  # the exit is adaptive here: some token leaves the loop early
+    verdict = verdicts(page)["Generation"]
+    assert verdict.startswith("<b>Verdict")
+    assert (f"{new} greedy tokens" in verdict and f"used between {int(steps.min())} and {int(steps.max())} of {n} "
+            f"steps; mean {float(steps.float().mean()):.1f}" in verdict and "argmax_stability(2)" in verdict), verdict
+
+    def note(tokens, **kw):
+        return verdicts(write_report(model, tokens, tmp_path / "n.html", progress=False, **kw).read_text())["Generation"]
+
+    assert note(tokens, n_steps=0).startswith("Not shown: this run has 0 recurrent steps, and an adaptive exit")
+    full = tokens.repeat(1, 2)[:, : model.cfg.n_ctx]  # no room left in the context
+    assert note(full).startswith(f"Not shown: the {model.cfg.n_ctx} prompt tokens fill the context")
+
+    def unsupported(*args, **kwargs):
+        raise UnsupportedError("no decoding for this family")
+
+    monkeypatch.setattr(model, "generate", unsupported)
+    assert note(tokens) == "Not shown: this model cannot decode here (no decoding for this family)."

@@ -25,7 +25,7 @@ def test_every_figure_of_the_report_renders(tmp_path):
     out = tmp_path / "report.html"
     assert main(["report", "--out", str(out), "--no-progress"]) == 0
     n_figures = out.read_text().count("data-figure=")
-    assert n_figures >= 10  # 8 analyses + 2 patching maps on the embedded model
+    assert n_figures >= 11  # 8 analyses + 2 patching maps + generation on the embedded model
     result = render(out, tmp_path)
     assert result["errors"] == []
     assert len(result["figures"]) == n_figures

@@ -425,7 +425,48 @@ PATCHING_SECTIONS: list[Section] = [
             "means that step's state at that position carries the answer into the rest of the loop.",
             _patch_state, 1, "there is no recurrent state to patch"),
 ]
-# A "Generation" section (steps used per generated token) joins here once model.generate exists.
+
+
+# ---------------------------------------------------------------- generation (model.generate, adaptive exit)
+GENERATION_TOKENS = 8  # greedy tokens decoded for the section (fewer where the context ends sooner)
+ARGMAX_STABLE_CHECKS = 2  # exits.argmax_stability(k) for models without an exit gate
+
+
+def _generation(r: ReportInput) -> tuple[Any, str]:
+    from tl_loop import exits
+    from tl_loop import plot as P
+    from tl_loop.errors import UnsupportedError
+
+    cfg = r.model.cfg
+    room = min(GENERATION_TOKENS, cfg.n_ctx - r.tokens.shape[1])
+    if room < 1:
+        raise Skip(f"the {r.tokens.shape[1]} prompt tokens fill the context (n_ctx={cfg.n_ctx}), so no token can follow")
+    # exit=None keeps an exit-gate model's own rule (its gate at the configured threshold)
+    rule = None if cfg.exit_gate else exits.argmax_stability(ARGMAX_STABLE_CHECKS)
+    try:
+        out = r.model.generate(r.tokens, max_new_tokens=room, do_sample=False, stop_at_eos=False, verbose=False,
+                               exit=rule, return_details=True)
+    except UnsupportedError as err:
+        raise Skip(f"this model cannot decode here ({err})") from err
+    steps = out.steps_used[0]
+    steps = steps[steps > 0]  # tokens after an EOS stop have no steps
+    new = out.new_tokens[0, : steps.numel()]
+    text = r.model.to_string(new) if r.model.tokenizer is not None else " ".join(str(t) for t in new.tolist())
+    fig = P.generation_steps_figure(out, r.model)
+    rule_text = "every step (no exit rule)" if out.exit is None else repr(out.exit)
+    return fig, (f"{steps.numel()} greedy tokens <code>{html.escape(repr(text))}</code> used between "
+                 f"{int(steps.min())} and {int(steps.max())} of {out.n_steps} steps; mean {float(steps.float().mean()):.1f} "
+                 f"(exit: <code>{html.escape(rule_text)}</code>).")
+
+
+GENERATION_SECTIONS: list[Section] = [
+    Section("Generation",
+            "A few tokens decoded greedily after the prompt (model.generate) with an adaptive exit: the model's exit "
+            f"gate where it has one, else leaving the loop once the top prediction has stayed the same for "
+            f"{ARGMAX_STABLE_CHECKS} steps in a row. Top: the generated text coloured by the steps each token used; "
+            "bottom: the steps per token.",
+            _generation, 1, "an adaptive exit needs at least one step"),
+]
 
 
 # ---------------------------------------------------------------- header
@@ -476,8 +517,9 @@ READING_GUIDE = (
     "<i>effective layer</i> with its own hook points. The sections below ask: does the state stop moving "
     "(a fixed point), does the block settle into one point or a cycle of points, when do the attention heads "
     "stop changing, at which depth the prediction is formed, and which positions and steps carry the answer "
-    "(patching). Each figure has a sentence on how to read it and a verdict computed from its numbers; "
-    "hover over a figure for exact values.</p>"
+    "(patching) and how many steps each generated token uses when the model may leave the loop early. Each "
+    "figure has a sentence on how to read it and a verdict computed from its numbers; hover over a figure for "
+    "exact values.</p>"
 )
 
 STYLE = """
@@ -502,7 +544,7 @@ def _report_parts(r: ReportInput, title: str | None, progress: bool) -> list[str
     model, tokens, n_steps, problem = r.model, r.tokens, r.n_steps, r.problem
     summary = model_summary(model)
     heading = title or f"tl-loop report: {summary['name']}"
-    sections = SECTIONS + (PATCHING_SECTIONS if problem is not None else [])
+    sections = SECTIONS + (PATCHING_SECTIONS if problem is not None else []) + GENERATION_SECTIONS
     toc = [("guide", "How to read this report"), ("model", "Model")]
     toc += [("task", "The task")] if problem is not None else []
     toc += [("input", "Input"), ("prediction", "Prediction after each step")] + [(_slug(s.title), s.title) for s in sections]
