@@ -462,7 +462,7 @@ def _generation(r: ReportInput) -> tuple[Any, str]:
 GENERATION_SECTIONS: list[Section] = [
     Section("Generation",
             "A few tokens decoded greedily after the prompt (model.generate) with an adaptive exit: the model's exit "
-            f"gate where it has one, else leaving the loop once the top prediction has stayed the same for "
+            f"gate where it has one, else leaving the loop once the top prediction has not changed for "
             f"{ARGMAX_STABLE_CHECKS} steps in a row. Top: the generated text coloured by the steps each token used; "
             "bottom: the steps per token.",
             _generation, 1, "an adaptive exit needs at least one step"),
