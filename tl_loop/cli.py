@@ -218,14 +218,18 @@ def add_info_arguments(p: argparse.ArgumentParser) -> None:
     _model_arguments(p, default=None)
 
 
-def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    _model_arguments(p, default=DEFAULT_MODEL)
+def _prompt_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", metavar="TEXT", type=prompt_text, default=None,
                         help="text prompt (needs a tokenizer; default for a model trained by tl-loop: "
                              "one of its held-out problems)")
     source.add_argument("--tokens", metavar="IDS", type=token_ids, default=None,
                         help="token ids instead of a prompt, e.g. 1,2,3")
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p, default=DEFAULT_MODEL)
+    _prompt_arguments(p)
     p.add_argument("--out", metavar="FILE", default="report.html", help="output HTML file (default: report.html)")
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
 
@@ -234,12 +238,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     from tl_loop import generation_cli
 
     _model_arguments(p, default=None)
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--prompt", metavar="TEXT", type=prompt_text, default=None,
-                        help="text prompt (needs a tokenizer; default for a model trained by tl-loop: "
-                             "one of its held-out problems)")
-    source.add_argument("--tokens", metavar="IDS", type=token_ids, default=None,
-                        help="token ids instead of a prompt, e.g. 1,2,3")
+    _prompt_arguments(p)
     generation_cli.add_arguments(p)
 
 
