@@ -12,6 +12,7 @@ from transformer_lens import patching as tl
 
 import tl_loop.patching as lp
 from tl_loop import InputError
+from tl_loop._tl_compat import TL_MAJOR, TL_VERSION
 from tl_loop.batched import Cell, default_batch_size, run_cells
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -126,6 +127,7 @@ def test_generic_sweep_with_index_df(variant):
     torch.testing.assert_close(got, expected, **TOL)
 
 
+@pytest.mark.skipif(TL_MAJOR < 4, reason=f"PatchingResult (reduce=, baseline=, metric mappings) is TransformerLens 4.x; installed {TL_VERSION}")
 def test_per_example_baseline_and_several_metrics():
     """reduce='none' / 'mean', baseline=True and a mapping of metrics: TransformerLens's PatchingResult."""
     model, corrupted, clean_cache, metric, per_example = setup("olmo_retro_like")
@@ -179,7 +181,8 @@ def test_refusals():
     sweep = lp.get_act_patch_attn_head_out_by_pos_batched
     with pytest.raises(InputError, match="must return a scalar"):
         sweep(model, corrupted, clean_cache, per_example, verbose=False)
-    with pytest.raises(InputError, match=r"must return a \[batch\] tensor"):
+    per_example_refusal = r"must return a \[batch\] tensor" if TL_MAJOR >= 4 else r"need transformer-lens >= 4\.0"
+    with pytest.raises(InputError, match=per_example_refusal):
         sweep(model, corrupted, clean_cache, metric, reduce="none", verbose=False)
     with pytest.raises(InputError, match="reduce must be"):
         sweep(model, corrupted, clean_cache, metric, reduce="sum", verbose=False)
