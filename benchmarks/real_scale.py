@@ -9,14 +9,25 @@ JSON line per measurement:
                    the checkpoint's bytes, and the growth of the peak over the resident set
                    just before loading (imports excluded) over the same bytes;
 * ``forward``   -- forward tokens/s at the checkpoint's default depth (one prompt of ``--seq``
-                   tokens, median of ``--repeats``);
+                   tokens, median of ``--repeats``), and the same run's floor: every dense kernel
+                   call the forward made (``F.linear``, ``matmul``, ``einsum``, ``bmm``,
+                   ``scaled_dot_product_attention``), recorded once with its very tensors and
+                   replayed bare in the same order, timed in turn with the forward. The ratio
+                   forward / replay is what the library adds over its matrix products (norms,
+                   RoPE, hook points, Python), independent of how loaded the machine is;
 * ``cache``     -- peak growth of ``run_with_cache`` with ``names_filter`` = ``hook_resid_post``
                    and of ``analysis.run_streaming(ResidualStats())``, each over a plain forward
-                   in the same process (peak growth measured from the same resident set).
+                   in the same process (peak growth measured from the same resident set), with
+                   the bytes the cache holds;
+* ``generate``  -- greedy ``model.generate`` of ``--new`` tokens after the ``--seq``-token prompt,
+                   with the KV cache and without (``use_past_kv_cache=False``), in the same
+                   process, in turn; ``--steps`` sets the depth (0: the checkpoint's default).
 
     python benchmarks/real_scale.py write ouro-1.4b /tmp/ckpt/ouro      # 2.9 GB on disk
     python benchmarks/real_scale.py measure /tmp/ckpt/ouro --dtype stored
     python benchmarks/real_scale.py measure /tmp/ckpt/ouro --dtype float32 --only load
+    python benchmarks/real_scale.py measure /tmp/ckpt/ouro --only generate --seq 16 --new 16
+    python benchmarks/real_scale.py smoke          # every measurement on a tiny checkpoint
 
 Shapes (``SHAPES``): Huginn-0125 (3.5B: n_embd 5280, 55 heads, 2 + 4 + 2 layers, 32 steps = 132
 effective layers), Ouro-1.4B (24 layers x 4 steps = 96), HRM-Text-1B (the transformers defaults:
@@ -162,19 +173,56 @@ def _tokens(model, seq: int) -> torch.Tensor:
     return torch.randint(0, min(model.cfg.d_vocab, 30000), (1, seq), generator=torch.Generator().manual_seed(0))
 
 
-def measure_forward(folder: Path, dtype: str, seq: int, repeats: int) -> dict:
+#: the dense kernels a forward's floor is made of
+_KERNELS = {torch.nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.einsum,
+            torch.bmm, torch.baddbmm, torch.nn.functional.scaled_dot_product_attention}
+
+
+class _KernelRecorder(torch.overrides.TorchFunctionMode):
+    """Record every dense kernel call (function, arguments) a forward makes, keeping its tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _KERNELS:
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _replay(calls: list[tuple]) -> float:
+    start = time.perf_counter()
+    for func, args, kwargs in calls:
+        func(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def measure_forward(folder: Path, dtype: str, seq: int, repeats: int, steps: int = 0) -> dict:
     model = _load(folder, dtype)
+    if steps:
+        model.cfg.n_steps = steps
     tokens = _tokens(model, seq)
-    times = []
+    times, floors = [], []
     with torch.inference_mode():
+        recorder = _KernelRecorder()
+        with recorder:
+            model(tokens)  # warm-up, and the kernel calls it makes
+        calls = recorder.calls
         for _ in range(repeats):
             start = time.perf_counter()
             model(tokens)
             times.append(time.perf_counter() - start)
+            floors.append(_replay(calls))
     med = sorted(times)[len(times) // 2]
+    floor = sorted(floors)[len(floors) // 2]
+    ratios = sorted(t / f for t, f in zip(times, floors))
     return {"what": "forward", "dtype": dtype, "seq": seq, "n_steps": model.cfg.n_steps,
             "effective_layers": model.cfg.n_layers, "median_seconds": round(med, 3),
-            "tokens_per_second": round(seq / med, 2)}
+            "tokens_per_second": round(seq / med, 3), "kernel_calls": len(calls),
+            "kernel_replay_seconds": round(floor, 3), "forward_over_kernels": round(ratios[len(ratios) // 2], 3),
+            "times": [round(t, 3) for t in times], "replays": [round(f, 3) for f in floors]}
 
 
 def measure_cache(folder: Path, dtype: str, seq: int, kind: str) -> dict:
@@ -182,6 +230,7 @@ def measure_cache(folder: Path, dtype: str, seq: int, kind: str) -> dict:
 
     model = _load(folder, dtype)
     tokens = _tokens(model, seq)
+    held = 0
     with torch.inference_mode():
         model(tokens)  # warm-up: allocator pools, RoPE tables
         _reset_peak()
@@ -190,10 +239,49 @@ def measure_cache(folder: Path, dtype: str, seq: int, kind: str) -> dict:
             model(tokens)
         elif kind == "cache":
             _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_post"))
+            held = sum(t.numel() * t.element_size() for t in cache.values())
         else:
             A.run_streaming(model, tokens, A.ResidualStats())
         growth = _status("VmHWM") - before
-    return {"what": kind, "dtype": dtype, "seq": seq, "n_steps": model.cfg.n_steps, "peak_growth_bytes": growth}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    one_state = seq * model.cfg.d_model * next(model.parameters()).element_size()
+    return {"what": kind, "dtype": dtype, "seq": seq, "n_steps": model.cfg.n_steps,
+            "effective_layers": model.cfg.n_layers, "peak_growth_bytes": growth, "cache_bytes": held,
+            "one_residual_state_bytes": one_state, "model_bytes": weights}
+
+
+def measure_generate(folder: Path, dtype: str, seq: int, new: int, steps: int, uncached: bool = True) -> dict:
+    model = _load(folder, dtype)
+    tokens = _tokens(model, seq)
+    kw = dict(do_sample=False, stop_at_eos=False, verbose=False, return_type="tokens")
+    if steps:
+        kw["n_steps"] = steps
+    with torch.inference_mode():
+        model.generate(tokens, max_new_tokens=2, **kw)  # warm-up
+        start = time.perf_counter()
+        cached = model.generate(tokens, max_new_tokens=new, **kw)
+        t_cached = time.perf_counter() - start
+        result = {"what": "generate", "dtype": dtype, "seq": seq, "new_tokens": new,
+                  "n_steps": steps or model.cfg.n_steps, "cached_seconds": round(t_cached, 3),
+                  "cached_tokens_per_second": round(new / t_cached, 3)}
+        if uncached:
+            start = time.perf_counter()
+            plain = model.generate(tokens, max_new_tokens=new, use_past_kv_cache=False, **kw)
+            t_plain = time.perf_counter() - start
+            result.update(uncached_seconds=round(t_plain, 3), uncached_tokens_per_second=round(new / t_plain, 3),
+                          uncached_over_cached=round(t_plain / t_cached, 2),
+                          same_tokens=bool(torch.equal(cached, plain)))
+    return result
+
+
+def smoke(folder: Path) -> None:
+    """Every measurement on a tiny Ouro-layout checkpoint written by ``write`` (seconds)."""
+    SHAPES["tiny"] = ("ouro", {**SHAPES["ouro-1.4b"][1], "vocab_size": 512, "hidden_size": 64,
+                               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "num_key_value_heads": 4, "head_dim": 16}, set())
+    write("tiny", folder)
+    for what in ("load", "forward", "forward_mem", "cache", "stream", "generate"):
+        print(json.dumps(_child([what, str(folder), "stored", "8", "1", "1", "", "4", "0", "1"])), flush=True)
 
 
 def _child(args: list[str]) -> dict:
@@ -213,7 +301,10 @@ def main() -> None:
     m.add_argument("--seq", type=int, default=16)
     m.add_argument("--repeats", type=int, default=3)
     m.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    m.add_argument("--only", choices=["load", "forward", "cache"], action="append")
+    m.add_argument("--new", type=int, default=16, help="generate: new tokens")
+    m.add_argument("--steps", type=int, default=0, help="forward / generate: depth (0: the checkpoint's default)")
+    m.add_argument("--no-uncached", action="store_true", help="generate: skip use_past_kv_cache=False")
+    m.add_argument("--only", choices=["load", "forward", "cache", "generate"], action="append")
     m.add_argument("--tree", default="", help="import tl_loop from this checkout (e.g. an older commit, as a baseline)")
     c = sub.add_parser("_child")
     c.add_argument("what")
@@ -223,9 +314,22 @@ def main() -> None:
     c.add_argument("repeats", type=int)
     c.add_argument("threads", type=int)
     c.add_argument("tree")
+    c.add_argument("new", type=int)
+    c.add_argument("steps", type=int)
+    c.add_argument("uncached", type=int)
+    k = sub.add_parser("smoke", help="every measurement on a tiny checkpoint (a check of this script)")
+    k.add_argument("folder", type=Path, nargs="?", default=None)
     args = p.parse_args()
     if args.cmd == "write":
         write(args.shape, args.folder)
+    elif args.cmd == "smoke":
+        import tempfile
+
+        if args.folder is not None:
+            smoke(args.folder)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                smoke(Path(tmp))
     elif args.cmd == "_child":
         if args.tree:
             sys.path.insert(0, args.tree)
@@ -234,16 +338,20 @@ def main() -> None:
         if args.what == "load":
             result = measure_load(args.folder, args.dtype)
         elif args.what == "forward":
-            result = measure_forward(args.folder, args.dtype, args.seq, args.repeats)
+            result = measure_forward(args.folder, args.dtype, args.seq, args.repeats, args.steps)
+        elif args.what == "generate":
+            result = measure_generate(args.folder, args.dtype, args.seq, args.new, args.steps, bool(args.uncached))
         else:  # memory of a plain forward ("forward_mem"), a filtered cache, a streamed analysis
             result = measure_cache(args.folder, args.dtype, args.seq, args.what)
         print(json.dumps(result))
     else:
         only = args.only or ["load", "forward", "cache"]
         jobs = [j for group in only for j in {"load": ["load"], "forward": ["forward"],
-                                               "cache": ["forward_mem", "cache", "stream"]}[group]]
+                                               "cache": ["forward_mem", "cache", "stream"],
+                                               "generate": ["generate"]}[group]]
         for what in jobs:
-            result = _child([what, str(args.folder), args.dtype, str(args.seq), str(args.repeats), str(args.threads), args.tree])
+            result = _child([what, str(args.folder), args.dtype, str(args.seq), str(args.repeats), str(args.threads),
+                             args.tree, str(args.new), str(args.steps), str(int(not args.no_uncached))])
             print(json.dumps({**result, "tree": args.tree or "this"}), flush=True)
 
 
