@@ -22,6 +22,8 @@ JSON line per measurement:
 * ``generate``  -- greedy ``model.generate`` of ``--new`` tokens after the ``--seq``-token prompt,
                    with the KV cache and without (``use_past_kv_cache=False``), in the same
                    process, in turn; ``--steps`` sets the depth (0: the checkpoint's default).
+                   ``decode_tokens_per_second`` leaves out the prompt's pass (a 1-token call timed
+                   on its own).
 
     python benchmarks/real_scale.py write ouro-1.4b /tmp/ckpt/ouro      # 2.9 GB on disk
     python benchmarks/real_scale.py measure /tmp/ckpt/ouro --dtype stored
@@ -259,11 +261,15 @@ def measure_generate(folder: Path, dtype: str, seq: int, new: int, steps: int, u
     with torch.inference_mode():
         model.generate(tokens, max_new_tokens=2, **kw)  # warm-up
         start = time.perf_counter()
+        model.generate(tokens, max_new_tokens=1, **kw)  # the prompt's pass alone
+        t_prefill = time.perf_counter() - start
+        start = time.perf_counter()
         cached = model.generate(tokens, max_new_tokens=new, **kw)
         t_cached = time.perf_counter() - start
         result = {"what": "generate", "dtype": dtype, "seq": seq, "new_tokens": new,
                   "n_steps": steps or model.cfg.n_steps, "cached_seconds": round(t_cached, 3),
-                  "cached_tokens_per_second": round(new / t_cached, 3)}
+                  "cached_tokens_per_second": round(new / t_cached, 3), "prefill_seconds": round(t_prefill, 3),
+                  "decode_tokens_per_second": round((new - 1) / max(t_cached - t_prefill, 1e-9), 3)}
         if uncached:
             start = time.perf_counter()
             plain = model.generate(tokens, max_new_tokens=new, use_past_kv_cache=False, **kw)
