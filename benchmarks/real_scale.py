@@ -64,6 +64,10 @@ SHAPES: dict[str, tuple[str, dict, set[str]]] = {
     }, set()),
     "hrm-text-1b": ("hrm_text", {}, set()),  # filled from transformers.HrmTextConfig()
 }
+#: a tiny Ouro layout, for ``smoke`` (seconds)
+SHAPES["tiny"] = ("ouro", {**SHAPES["ouro-1.4b"][1], "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16},
+                  set())
 
 SHARD_BYTES = 2 * 10**9
 
@@ -282,9 +286,6 @@ def measure_generate(folder: Path, dtype: str, seq: int, new: int, steps: int, u
 
 def smoke(folder: Path) -> None:
     """Every measurement on a tiny Ouro-layout checkpoint written by ``write`` (seconds)."""
-    SHAPES["tiny"] = ("ouro", {**SHAPES["ouro-1.4b"][1], "vocab_size": 512, "hidden_size": 64,
-                               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                               "num_key_value_heads": 4, "head_dim": 16}, set())
     write("tiny", folder)
     for what in ("load", "forward", "forward_mem", "cache", "stream", "generate"):
         print(json.dumps(_child([what, str(folder), "stored", "8", "1", "1", "", "4", "0", "1"])), flush=True)
