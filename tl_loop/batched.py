@@ -99,7 +99,8 @@ class _Probe:
 
     def _hook(self, activation: torch.Tensor, hook: Any) -> None:
         axis = _query_axis(hook.name)
-        self.unpatched[hook.name] = activation.clone()
+        if any(self.cells[c].pos == 0 for c in self.by_name[hook.name]):  # may run from a later position
+            self.unpatched[hook.name] = activation.clone()
         for c in self.by_name[hook.name]:
             fn = self.cells[c].hooks[0][1]
             copy = activation.clone()
