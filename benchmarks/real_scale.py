@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
 #: family, config.json seed (the released model's values) and the tensor names the family's
 #: detection needs before any tensor exists
@@ -157,7 +157,7 @@ def _load(folder: Path, dtype: str):
 
 
 def measure_load(folder: Path, dtype: str) -> dict:
-    import tl_loop.loading  # noqa: F401  (imports outside the measurement)
+    import tl_loop.loading
     import tl_loop.model  # noqa: F401
     from tl_loop.loading import families  # noqa: F401
 
@@ -259,7 +259,7 @@ def measure_cache(folder: Path, dtype: str, seq: int, kind: str) -> dict:
 def measure_generate(folder: Path, dtype: str, seq: int, new: int, steps: int, uncached: bool = True) -> dict:
     model = _load(folder, dtype)
     tokens = _tokens(model, seq)
-    kw = dict(do_sample=False, stop_at_eos=False, verbose=False, return_type="tokens")
+    kw: dict = {"do_sample": False, "stop_at_eos": False, "verbose": False, "return_type": "tokens"}
     if steps:
         kw["n_steps"] = steps
     with torch.inference_mode():
