@@ -158,7 +158,8 @@ def test_a_write_that_changes_nothing_is_a_change_within_rounding(variant):
 
 
 def test_a_splice_at_the_pattern_runs():
-    """A module spliced in at hook_pattern (no hook attached) replaces the pattern."""
+    """A module spliced in at hook_pattern (no hook attached) replaces the pattern (it was
+    skipped with the fused attention)."""
 
     class Uniform(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,3 +302,16 @@ def test_norm_with_a_read_only_scale_hook_is_bit_for_bit(norm_type):
     seen = []
     norm.hook_scale.add_hook(lambda s, hook: seen.append(s))
     assert torch.equal(norm(x), fast) and len(seen) == 1
+
+
+def test_a_splice_at_a_scale_runs():
+    class Double(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * x
+
+    model = make_model("plain")
+    tokens = _tokens(model)
+    with torch.no_grad():
+        expected = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("ln1.hook_scale"), lambda x, hook: 2 * x)])
+        model.splice("ln1.hook_scale", Double())
+        assert torch.equal(model(tokens), expected)

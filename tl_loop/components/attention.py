@@ -5,8 +5,9 @@ Hook points of one application (TransformerLens names)::
     hook_q, hook_rot_q      [batch, pos, head, d_head]      before / after RoPE
     hook_k, hook_rot_k      [batch, pos, kv_head, d_head]
     hook_v                  [batch, pos, kv_head, d_head]
-    hook_attn_scores        [batch, head, query_pos, key_pos]   scaled, causally masked (-inf)
-    hook_pattern            [batch, head, query_pos, key_pos]
+    hook_attn_scores        [batch, head, query_pos, key_pos]   scaled, causally masked (-inf);
+                                                            float32 in bf16 / fp16 models
+    hook_pattern            [batch, head, query_pos, key_pos]   in the model's dtype
     hook_gate               [batch, pos, head, d_head]      sigmoid output gate (HRM only)
     hook_z                  [batch, pos, head, d_head]      gated where the family gates
     hook_result             [batch, pos, head, d_model]     only with cfg.use_attn_result
@@ -26,7 +27,18 @@ slot (``KVSlot``: past keys and values). Query ``i`` of ``n_q`` new positions si
 never has an empty row).
 
 When nothing is attached to ``hook_attn_scores`` or ``hook_pattern`` the pattern is never
-materialised and PyTorch's fused scaled-dot-product attention runs instead.
+materialised: PyTorch's fused scaled-dot-product attention runs. Hooks there see the
+materialised scores and pattern, and the output depends on what they do (``run_hook_point``):
+
+- hooks that leave both unchanged (read, cache, return the input or None; no write in place):
+  the fused kernel's output, so the numbers are those of the no-hook forward bit for bit, in
+  every dtype; where a gradient is recorded it flows through the pattern (backward hooks,
+  ``retain_grad``), with the values still the fused kernel's;
+- a hook that changes either (returns another tensor, or writes into it): ``pattern @ v`` with
+  what it returned, computed as the fused kernel computes attention: scores and softmax in
+  float32 at least, the pattern in the model's dtype, ``pattern @ v`` accumulated in float32 and
+  cast back once, so a changing hook's numbers stay within the kernel's own bf16 noise. A
+  backward hook wraps the activation (a new tensor), so it counts as a change.
 """
 
 from __future__ import annotations
