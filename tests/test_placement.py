@@ -180,7 +180,8 @@ def test_frame_moves_at_each_boundary(monkeypatch):
 def test_tail_on_meta_runs_without_device_errors(kind):
     """Embedding and prelude on the CPU, everything from the loop on on the meta device: a tensor
     the move missed would raise 'not on the expected device'. Hooks see their block's device, and
-    a hook returning a tensor from another device is moved to the hooked activation's."""
+    a hook returning a tensor from another device is moved to the hooked activation's. (Logits
+    go back to the embedding's device, which a meta tensor cannot: ``return_type=None``.)"""
     model = _model(kind)
     head = {"embed": "cpu", "prelude": "cpu"}
     units = placement_units(model)
@@ -200,8 +201,10 @@ def test_tail_on_meta_runs_without_device_errors(kind):
 
     first_loop = model.cfg.n_prelude_layers
     names = [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
-    logits = model.run_with_hooks(TOKENS, fwd_hooks=[(n, record) for n in names])
-    assert logits.device.type == "meta" and logits.shape == (*TOKENS.shape, 50)
+    names.append("ln_final.hook_normalized")
+    assert model.run_with_hooks(TOKENS, return_type=None, fwd_hooks=[(n, record) for n in names]) is None
+    assert seen["ln_final.hook_normalized"].type == "meta"
+    names.pop()
     for i, name in enumerate(names):
         assert seen[name].type == ("cpu" if i < first_loop else "meta"), name
 
@@ -242,3 +245,24 @@ def test_two_gpu_split_matches_one(kind):
         torch.testing.assert_close(c1[name], c0[name], rtol=1e-5, atol=1e-5)
     kw = dict(max_new_tokens=4, do_sample=False, verbose=False, return_type="tokens", stop_at_eos=False)
     assert torch.equal(split.generate(tokens[:1], **kw), model.generate(tokens[:1], **kw))
+
+
+def test_patching_sweeps_on_the_move_path():
+    """The batched patching sweep (frames recorded and stacked at ``on_op``) and TransformerLens's
+    own patching give the same numbers on the placed code path."""
+    import tl_loop.patching as lp
+    from transformer_lens import patching as tl_patching
+
+    model = _model("huginn_like")
+    placed = copy.deepcopy(model)
+    placed._placement = Placement(placed)
+    clean, corrupted = TOKENS[:1], TOKENS[1:]
+    metric = lambda logits: logits[0, -1, 3]  # noqa: E731
+    for m in (model, placed):
+        _, m.clean_cache = m.run_with_cache(clean)
+    a = lp.get_act_patch_cycle(model, corrupted, model.clean_cache, metric)
+    b = lp.get_act_patch_cycle(placed, corrupted, placed.clean_cache, metric)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    a = tl_patching.get_act_patch_resid_pre(model, corrupted, model.clean_cache, metric)
+    b = tl_patching.get_act_patch_resid_pre(placed, corrupted, placed.clean_cache, metric)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)

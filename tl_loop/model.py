@@ -888,9 +888,11 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
                       started_at=start_at_layer, attention_mask=attention_mask)
         if stop is not None:
             return frame.x
-        logits = frame.x
         if return_type is None:
             return None
+        logits = frame.x
+        if self._placement is not None and logits.device != self.W_E.device:
+            logits = logits.to(self.W_E.device)  # over several devices: back where the tokens are
         if return_type == "logits":
             return logits
         if tokens is None:
