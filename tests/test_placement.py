@@ -266,3 +266,32 @@ def test_patching_sweeps_on_the_move_path():
     a = tl_patching.get_act_patch_resid_pre(model, corrupted, model.clean_cache, metric)
     b = tl_patching.get_act_patch_resid_pre(placed, corrupted, placed.clean_cache, metric)
     torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def _fake_split(model: HookedLoopedTransformer) -> HookedLoopedTransformer:
+    """``model`` with a placement that puts the loop on a second CPU device object: every path
+    that follows the placement moves at each boundary (no-op copies), numbers unchanged."""
+    placed = copy.deepcopy(model)
+    placement = Placement(placed)
+    other = torch.device("cpu", 0)
+    placement.blocks = {k: (other if k.startswith(("core", "inner")) else v) for k, v in placement.blocks.items()}
+    placement.adapter = other if placement.adapter is not None else None
+    placed._placement = placement
+    return placed
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_exact_attribution_on_the_move_path(kind):
+    model = _model(kind)
+    placed = _fake_split(model)
+    _, cache = model.run_with_cache(TOKENS)
+    _, placed_cache = placed.run_with_cache(TOKENS)
+    layer = model.cfg.n_layers - 1
+    for fn in (lambda c: c.decompose_resid(layer, return_labels=True),
+               lambda c: c.decompose_resid(layer, mlp_input=True, return_labels=True),
+               lambda c: c.stack_head_results(layer, return_labels=True)):
+        (a, la), (b, lb) = fn(cache), fn(placed_cache)
+        assert la == lb
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    kw = dict(max_new_tokens=3, do_sample=False, verbose=False, return_type="tokens", stop_at_eos=False)
+    assert torch.equal(placed.generate(TOKENS[:1], **kw), model.generate(TOKENS[:1], **kw))
