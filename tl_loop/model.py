@@ -657,9 +657,9 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         total = torch.zeros(self.cfg.d_model, dtype=self.W_E.dtype, device=self.W_E.device)
         for i in range(layer + (1 if mlp_input else 0)):
             block = self.blocks[i]
-            total = total + block.attn.b_O
+            total = total + block.attn.b_O.to(total.device)  # .to: a model placed over several devices
             if include_mlp_biases and i < layer:
-                total = total + block.mlp.b_out
+                total = total + block.mlp.b_out.to(total.device)
         return total
 
     # ------------------------------------------------------------------ forward
