@@ -47,6 +47,18 @@ def model(request):
 TOKENS = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
+def _fake_split(model: HookedLoopedTransformer) -> HookedLoopedTransformer:
+    """``model`` with a placement that puts the loop on a second CPU device object: every path
+    that follows the placement moves at each boundary (no-op copies), numbers unchanged."""
+    placed = copy.deepcopy(model)
+    placement = Placement(placed)
+    other = torch.device("cpu", 0)
+    placement.blocks = {k: (other if k.startswith(("core", "inner")) else v) for k, v in placement.blocks.items()}
+    placement.adapter = other if placement.adapter is not None else None
+    placed._placement = placement
+    return placed
+
+
 # ---------------------------------------------------------------------------- CPU-only maps
 def test_cpu_map_is_exact(model):
     ref_logits, ref_cache = model.run_with_cache(TOKENS)
@@ -254,30 +266,22 @@ def test_patching_sweeps_on_the_move_path():
     from transformer_lens import patching as tl_patching
 
     model = _model("huginn_like")
-    placed = copy.deepcopy(model)
-    placed._placement = Placement(placed)
+    placed = _fake_split(model)
     clean, corrupted = TOKENS[:1], TOKENS[1:]
     metric = lambda logits: logits[0, -1, 3]  # noqa: E731
     for m in (model, placed):
         _, m.clean_cache = m.run_with_cache(clean)
-    a = lp.get_act_patch_cycle(model, corrupted, model.clean_cache, metric)
-    b = lp.get_act_patch_cycle(placed, corrupted, placed.clean_cache, metric)
+    for sweep in (lp.get_act_patch_cycle, lp.get_act_patch_cycle_batched, lp.get_act_patch_state_batched):
+        kw = {"verbose": False} if sweep is not lp.get_act_patch_cycle else {}
+        a = sweep(model, corrupted, model.clean_cache, metric, **kw)
+        b = sweep(placed, corrupted, placed.clean_cache, metric, **kw)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    a = lp.get_act_patch_resid_pre_batched(model, corrupted, model.clean_cache, metric, verbose=False)
+    b = lp.get_act_patch_resid_pre_batched(placed, corrupted, placed.clean_cache, metric, verbose=False)
     torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     a = tl_patching.get_act_patch_resid_pre(model, corrupted, model.clean_cache, metric)
     b = tl_patching.get_act_patch_resid_pre(placed, corrupted, placed.clean_cache, metric)
     torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
-
-
-def _fake_split(model: HookedLoopedTransformer) -> HookedLoopedTransformer:
-    """``model`` with a placement that puts the loop on a second CPU device object: every path
-    that follows the placement moves at each boundary (no-op copies), numbers unchanged."""
-    placed = copy.deepcopy(model)
-    placement = Placement(placed)
-    other = torch.device("cpu", 0)
-    placement.blocks = {k: (other if k.startswith(("core", "inner")) else v) for k, v in placement.blocks.items()}
-    placement.adapter = other if placement.adapter is not None else None
-    placed._placement = placement
-    return placed
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
