@@ -4,7 +4,7 @@ Without a GPU: a map over the CPU only gives the unplaced model's numbers exactl
 resolve over devices that need not exist (accelerate plans on shapes); the interpreter moves the
 frame at each device boundary (recorded with a fake second device, and run for real with the
 tail of the model on the meta device, where any tensor left behind raises); bad maps are refused.
-With two GPUs: a split model matches the single-device one.
+With a GPU: a GPU / CPU split matches the CPU; with two GPUs: a split matches one GPU.
 """
 
 from __future__ import annotations
@@ -239,6 +239,25 @@ def test_cuda_map_matches_cpu():
     model = _model("huginn_like")
     gpu = copy.deepcopy(model).place({"": 0})
     torch.testing.assert_close(gpu(TOKENS.cuda()).cpu(), model(TOKENS), rtol=1e-4, atol=1e-4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_gpu_cpu_split_matches_cpu(kind):
+    """One GPU is enough for a real split: the first half of the units on it, the rest on the CPU."""
+    model = _model(kind)
+    units = list(placement_units(model))
+    split = copy.deepcopy(model).place({u: (0 if k < len(units) // 2 else "cpu") for k, u in enumerate(units)})
+    assert split.cfg.n_devices == 2 and split.cfg.device == "cuda:0"
+    torch.testing.assert_close(split(TOKENS.cuda()).cpu(), model(TOKENS), rtol=1e-4, atol=1e-4)
+    _, c1 = split.run_with_cache(TOKENS.cuda())
+    _, c0 = model.run_with_cache(TOKENS)
+    for name in c0.keys():
+        torch.testing.assert_close(c1[name].cpu(), c0[name], rtol=1e-4, atol=1e-4)
+    layer = model.cfg.n_layers - 1
+    torch.testing.assert_close(c1.decompose_resid(layer).cpu(), c0.decompose_resid(layer), rtol=1e-4, atol=1e-4)
+    kw = dict(max_new_tokens=4, do_sample=False, verbose=False, return_type="tokens", stop_at_eos=False)
+    assert torch.equal(split.generate(TOKENS[:1].cuda(), **kw).cpu(), model.generate(TOKENS[:1], **kw))
 
 
 @requires_two_gpus

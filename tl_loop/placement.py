@@ -92,7 +92,7 @@ def _module_device(module: nn.Module | nn.Parameter | None) -> torch.device | No
 # ---------------------------------------------------------------------------- devices
 def parse_device(value: Any, key: str = "") -> torch.device:
     """A ``device_map`` value as a torch device; an unknown or unavailable one raises naming ``key``."""
-    where = f"device_map[{key!r}] = {value!r}" if key or key == "" else repr(value)
+    where = f"device_map[{key!r}] = {value!r}"
     if isinstance(value, str) and value in ("disk", "meta"):
         raise InputError(f"{where}: tl_loop places weights on devices that hold them ('cpu', a GPU); "
                          f"{value!r} offloading is not supported")
