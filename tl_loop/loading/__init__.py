@@ -178,6 +178,8 @@ def _load_placed(folder: Path, fam: Family, cfg: LoopedConfig, tensors: LazyTens
         for device, n in bytes_per_device(model, resolved).items():
             check_fits(n, device, f"the share of {folder}'s weights placed on {device} "
                                    f"(in {str(cfg.dtype).removeprefix('torch.')})")
+        check_fits(tensors.loaded_bytes(), "cpu", f"the weights of {folder}, converted in host memory before "
+                                                  "each goes to its device,")
     strict = StrictTensors(tensors)
     state_dict = fam.convert(strict, cfg)
     strict.finish()
