@@ -318,3 +318,46 @@ def test_exact_attribution_on_the_move_path(kind):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     kw = dict(max_new_tokens=3, do_sample=False, verbose=False, return_type="tokens", stop_at_eos=False)
     assert torch.equal(placed.generate(TOKENS[:1], **kw), model.generate(TOKENS[:1], **kw))
+
+
+@pytest.mark.parametrize("name", ["raven_tiny", "ouro_tiny", "retro_llama_tiny", "retro_olmo_tiny"])
+def test_checkpoint_tensors_go_straight_to_their_module(name, monkeypatch):
+    """Tracing the conversion on shapes gives each checkpoint tensor its module's device (fake CPU
+    device objects: one per unit); a model loaded from that plan reads each tensor there."""
+    from tl_loop.loading import build_config, checkpoint_devices, detect_family
+    from tl_loop.loading.files import read_config, weight_files
+    from tl_loop.loading.lazy import LazyTensors
+
+    folder = FIXTURES / name
+    tensors = LazyTensors.from_files(weight_files(folder, False)[0], dtype=torch.float32)
+    fam = detect_family(read_config(folder), set(tensors))
+    cfg = build_config(fam, read_config(folder), set(tensors), folder)
+    with torch.device("meta"):
+        model = HookedLoopedTransformer(cfg, init_weights=False)
+    devices = {u: torch.device("cpu", k) for k, u in enumerate(placement_units(model))}
+    plan = checkpoint_devices(fam, cfg, tensors, devices)
+    assert plan is not None and set(plan) >= set(tensors) - {"freqs_cis"}
+    embed_names = [n for n in plan if n.endswith(("wte.weight", "embed_tokens.weight"))]
+    assert embed_names and all(plan[n] == devices["embed"] for n in embed_names)
+    core = [n for n in plan if ".core_block.1." in n or ".layers.1." in n]
+    assert core and all(plan[n] == devices["core.1"] for n in core)
+    reads = {}
+    real = LazyTensors.__getitem__
+
+    def record(self, key):
+        reads[key] = self.device_of.get(key, self.device)
+        return real(self, key)
+
+    monkeypatch.setattr(LazyTensors, "__getitem__", record)
+    HookedLoopedTransformer.from_pretrained(str(folder), device_map=devices)  # torch keeps CPU tensors on "cpu"
+    assert {k: reads[k] for k in plan} == plan  # every tensor read onto its module's device
+
+
+def test_untraceable_conversion_stages_on_the_host(monkeypatch):
+    import tl_loop.loading as loading
+
+    monkeypatch.setattr(loading, "checkpoint_devices", lambda *a: None)
+    folder = FIXTURES / "ouro_tiny"
+    expected = load_file(str(folder / "expected.safetensors"))
+    model = HookedLoopedTransformer.from_pretrained(str(folder), device_map={"": "cpu"})
+    torch.testing.assert_close(model(expected["input_ids"]), expected["logits"], rtol=1e-4, atol=1e-4)

@@ -117,9 +117,9 @@ def load_pretrained(
         device_map: place the modules over several devices instead of ``device``: ``"auto"``,
             ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` (accelerate's planner within
             ``max_memory``) or ``{module: device}``; see ``tl_loop.placement``. The map is
-            resolved on the meta model before any weight is read; the converted tensors are
-            staged in host memory one family conversion at a time and each moved to its module's
-            device as soon as the model takes it.
+            resolved on the meta model before any weight is read, and each checkpoint tensor is
+            read straight onto the device of the module that takes it (``checkpoint_devices``);
+            a conversion that cannot be traced on shapes runs in host memory instead.
         options: family-specific options (e.g. ``layout=`` for looping a feedforward model).
     """
     from tl_loop.model import HookedLoopedTransformer
@@ -178,6 +178,8 @@ def _load_placed(folder: Path, fam: Family, cfg: LoopedConfig, tensors: LazyTens
         for device, n in bytes_per_device(model, resolved).items():
             check_fits(n, device, f"the share of {folder}'s weights placed on {device} "
                                    f"(in {str(cfg.dtype).removeprefix('torch.')})")
+    tensors.device_of = checkpoint_devices(fam, cfg, tensors, devices) or {}
+    if check_memory and not tensors.device_of:
         check_fits(tensors.loaded_bytes(), "cpu", f"the weights of {folder}, converted in host memory before "
                                                   "each goes to its device,")
     strict = StrictTensors(tensors)
@@ -191,6 +193,29 @@ def _load_placed(folder: Path, fam: Family, cfg: LoopedConfig, tensors: LazyTens
     if n_steps is not None:
         model.set_n_steps(n_steps)
     return model
+
+
+def checkpoint_devices(fam: Family, cfg: LoopedConfig, tensors: LazyTensors,
+                       devices: dict[str, torch.device]) -> dict[str, torch.device] | None:
+    """Checkpoint name -> the device of the module that takes it, found by running the family's
+    conversion on shapes only (``LazyTensors.traced``: no data read) and following each converted
+    tensor back to the checkpoint tensors it is computed from. None when the conversion needs
+    values, or a checkpoint tensor feeds modules on two devices (then the loader converts in host
+    memory and moves each result)."""
+    from tl_loop.placement import unit_of_key
+
+    try:
+        with torch.no_grad():
+            converted = fam.convert(StrictTensors(tensors.traced()), cfg)
+    except Exception:  # a conversion that looks at values: no plan, stage on the host instead
+        return None
+    out: dict[str, torch.device] = {}
+    for key, value in converted.items():
+        device = devices[unit_of_key(key, devices)]
+        for name in getattr(value, "sources", ()):
+            if out.setdefault(name, device) != device:
+                return None  # one checkpoint tensor feeds modules on two devices: convert on the host
+    return out
 
 
 def _placed(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
