@@ -114,13 +114,13 @@ class Forward(Interpreter):
             f.x = f.x + model.hook_pos_embed(model.pos_embed(tokens, self.context.positions))
 
     def block(self, op: Block, f: RunFrame) -> None:
-        context = self.context_for(op)
-        if self.placement is not None:
-            self.arrive(op, f)
-            context = self._mover.context(context, self.placement.device_of(op))  # type: ignore[union-attr]
+        self.arrive(op, f)
         if self.on_block is not None:
             f.index = op.index
             self.on_block(f)
+        context = self.context_for(op)
+        if self.placement is not None:  # the context on the block's device
+            context = self._mover.context(context, self.placement.device_of(op))  # type: ignore[union-attr]
         f.x = self.block_module(op)(self.need(f, "x", op), context)
 
     def enter_loop(self, op: Op, f: RunFrame) -> None:
