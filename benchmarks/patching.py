@@ -7,7 +7,10 @@
 Model: a random looped model with Huginn's layout (sandwich norms, linear adapter injection,
 random initial state, norm after the loop; d_model 256, 8 heads x 32, d_mlp 768, vocab 2048;
 2 prelude + 4 core x 5 steps + 2 coda = 24 effective layers), float32, CPU, one intra-op thread,
-``torch.no_grad()``. Clean and corrupted prompts differ in one token (the middle one).
+``torch.no_grad()``. Clean and corrupted prompts differ in one token: the middle one (as in
+most patching experiments, the prompts share a prefix; patching inside it changes nothing, and
+the batched sweep does not run those cells) and, with ``--differ-at first``, the first one (no
+shared prefix: every cell runs).
 
 1. **Ratios** (same run, interleaved: the sweeps being compared run in turn in each of
    ``--repeats`` rounds; a ratio is the median of per-round ratios of CPU times). Every effective
@@ -18,7 +21,7 @@ random initial state, norm after the loop; d_model 256, 8 heads x 32, d_mlp 768,
    holds for the full sweep, whose every cell costs the same in TransformerLens. Head-output
    sweeps (``hook_z``, TransformerLens's ``layer_head_vector`` / ``layer_pos_head_vector`` setters,
    i.e. ``get_act_patch_attn_head_out_all_pos`` / ``_by_pos``) over every layer x ``--heads-swept`` heads (by
-   position: at the middle position).
+   position: at the same ``--positions`` evenly spread positions).
 2. **Cost as the work grows**: the full batched ``resid_pre`` sweep (every layer x position) of
    a smaller model (d_model 64) against effective depth (8 -> 128 at 16 tokens) and prompt length
    (16 -> 256 at 8 layers), with the exponent of a least-squares fit of log time on log size.
@@ -58,11 +61,12 @@ def model_for(d_model: int, n_steps: int, n_ctx: int = 512) -> HookedLoopedTrans
     return HookedLoopedTransformer(cfg, seed=0)
 
 
-def prompts(n_pos: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def prompts(n_pos: int, seed: int = 0, differ_at: str = "middle") -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     clean = torch.randint(0, VOCAB, (1, n_pos), generator=gen)
     corrupted = clean.clone()
-    corrupted[0, n_pos // 2] = (clean[0, n_pos // 2] + 1) % VOCAB
+    at = n_pos // 2 if differ_at == "middle" else 0
+    corrupted[0, at] = (clean[0, at] + 1) % VOCAB
     return clean, corrupted
 
 
@@ -125,8 +129,9 @@ def ratios(args) -> list[tuple[str, float, str]]:
         have_nnsight = True
     except ImportError:
         have_nnsight = False
-    for n_pos in args.lengths if args.ratios else []:
-        clean, corrupted = prompts(n_pos)
+    for n_pos, differ_at in [(n, d) for n in args.lengths for d in args.differ_at] if args.ratios else []:
+        clean, corrupted = prompts(n_pos, differ_at=differ_at)
+        where = f"{n_pos} tokens, differing at the {differ_at} token"
         _, cache = model.run_with_cache(clean)
         positions = spread(n_pos, args.positions)
         cells = pd.DataFrame([(layer, p) for layer in range(model.cfg.n_layers) for p in positions],
@@ -142,19 +147,19 @@ def ratios(args) -> list[tuple[str, float, str]]:
         with torch.no_grad():
             times, res = interleaved(fns, args.repeats)
         diff = float((res["tl"] - res["batched"]).abs().max())
-        rows.append((f"resid_pre, {n_pos} tokens ({len(cells)} cells): TL / batched", ratio(times, "tl", "batched"),
+        rows.append((f"resid_pre, {where} ({len(cells)} cells): TL / batched", ratio(times, "tl", "batched"),
                      f"TL {statistics.median(times['tl']):.1f} s, batched {statistics.median(times['batched']):.1f} s, "
                      f"max abs diff {diff:.1e}"))
         if have_nnsight:
             nn_diff = float((res["tl"] - res["nnsight"]).abs().max())
-            rows.append((f"resid_pre, {n_pos} tokens: nnsight (one trace per layer) / batched",
+            rows.append((f"resid_pre, {where}: nnsight (one trace per layer) / batched",
                          ratio(times, "nnsight", "batched"),
                          f"nnsight {statistics.median(times['nnsight']):.1f} s, max abs diff to TL {nn_diff:.1e}"))
         if args.heads:
             heads = list(range(min(args.heads_swept, model.cfg.n_heads)))
             all_pos = pd.DataFrame([(layer, h) for layer in range(model.cfg.n_layers) for h in heads],
                                    columns=["layer", "head"])
-            by_pos = pd.DataFrame([(layer, p, h) for layer in range(model.cfg.n_layers) for p in spread(n_pos, 1)
+            by_pos = pd.DataFrame([(layer, p, h) for layer in range(model.cfg.n_layers) for p in positions
                                    for h in heads], columns=["layer", "pos", "head"])
             head_fns = {}
             for kind, setter, df in (("all_pos", tl.layer_head_vector_patch_setter, all_pos),
@@ -167,7 +172,7 @@ def ratios(args) -> list[tuple[str, float, str]]:
                 times, res = interleaved(head_fns, args.repeats)
             for kind, df in (("all_pos", all_pos), ("by_pos", by_pos)):
                 diff = float((res[f"tl_{kind}"] - res[f"batched_{kind}"]).abs().max())
-                rows.append((f"attn_head_out_{kind}, {n_pos} tokens ({len(df)} cells): TL / batched",
+                rows.append((f"attn_head_out_{kind}, {where} ({len(df)} cells): TL / batched",
                              ratio(times, f"tl_{kind}", f"batched_{kind}"),
                              f"TL {statistics.median(times[f'tl_{kind}']):.1f} s, batched "
                              f"{statistics.median(times[f'batched_{kind}']):.1f} s, max abs diff {diff:.1e}"))
@@ -214,6 +219,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=None, help="prompt lengths of the ratio sweeps")
     parser.add_argument("--no-heads", dest="heads", action="store_false", help="skip the head sweeps")
     parser.add_argument("--heads-swept", type=int, default=2, help="heads per layer in the head sweeps")
+    parser.add_argument("--differ-at", nargs="+", choices=["middle", "first"], default=["middle"],
+                        help="where clean and corrupted prompts differ (each given runs)")
     parser.add_argument("--no-scaling", dest="scaling", action="store_false", help="skip the cost table")
     parser.add_argument("--no-ratios", dest="ratios", action="store_false", help="only the cost table")
     args = parser.parse_args()

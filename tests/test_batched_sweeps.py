@@ -37,15 +37,16 @@ EVERY_VARIANTS = {"huginn_like", "ouro_like"}
 
 
 @functools.lru_cache(maxsize=None)
-def setup(variant: str, n_pos: int = 2):
-    """Model (2 steps, 2 heads: TransformerLens's sweeps run once per cell), corrupted tokens, clean
-    cache and a metric reading every row and position of the batch."""
+def setup(variant: str, n_pos: int = 2, differ_at: int = 0):
+    """Model (2 steps, 2 heads: TransformerLens's sweeps run once per cell), corrupted tokens (the
+    clean ones with the token at ``differ_at`` changed), clean cache and a metric reading every
+    row and position of the batch."""
     gqa = {"n_key_value_heads": 1} if VARIANTS[variant].get("n_key_value_heads") else {}
     model = make_model(variant, n_heads=2, d_head=16, n_steps=2, **gqa)
     gen = torch.Generator().manual_seed(1)
     clean = torch.randint(0, model.cfg.d_vocab, (2, n_pos), generator=gen)
     corrupted = clean.clone()
-    corrupted[:, 0] = (clean[:, 0] + 11) % model.cfg.d_vocab
+    corrupted[:, differ_at] = (clean[:, differ_at] + 11) % model.cfg.d_vocab
     clean_logits, clean_cache = model.run_with_cache(clean)
     good = clean_logits.argmax(-1)  # [batch, pos]
     bad = (good + 1) % model.cfg.d_vocab
@@ -72,6 +73,73 @@ def test_batched_sweep_equals_its_twin(name, variant):
     got = batched(model, corrupted, clean_cache, metric, 5, verbose=False)
     assert got.shape == expected.shape and got.dtype == expected.dtype
     torch.testing.assert_close(got, expected, **TOL)
+
+
+SHARED_PREFIX_VARIANTS = ["huginn_like", "ouro_like", "hrm_like"]
+
+
+@pytest.mark.parametrize("variant", SHARED_PREFIX_VARIANTS)
+@pytest.mark.parametrize("name", [n for n in SWEEPS if n not in EVERY])
+def test_shared_prefix_sweeps_equal_their_twins(name, variant):
+    """Prompts that agree on their first two tokens: cells there change nothing and are not run,
+    cells over all positions run from the first differing token (their hooks still see every
+    position), and every value is still TransformerLens's."""
+    reference, batched = SWEEPS[name]
+    model, corrupted, clean_cache, metric, _ = setup(variant, n_pos=4, differ_at=2)
+    expected = reference(model, corrupted, clean_cache, metric)
+    got = batched(model, corrupted, clean_cache, metric, 6, verbose=False)
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_unchanged_cells_are_not_run(monkeypatch):
+    """How much runs: a resid_pre sweep runs only the cells whose clean activation differs,
+    and a head sweep over all positions runs its passes from that token on."""
+    import tl_loop.batched as engine
+
+    passes = []
+    real = engine._run_pass
+
+    def counting(model, tokens, cells, joins, chunk, *args):
+        passes.append((len(chunk), args[-3]))  # cells in the pass, its first position
+        return real(model, tokens, cells, joins, chunk, *args)
+
+    monkeypatch.setattr(engine, "_run_pass", counting)
+    model, corrupted, _, metric, _ = setup("huginn_like", n_pos=4, differ_at=2)
+    clean = corrupted.clone()
+    clean[:, 2] = (corrupted[:, 2] - 11) % model.cfg.d_vocab
+    # the clean run computed as the patched runs are (same hooked path): equal prefixes, bit for bit
+    _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith(("hook_resid_pre", "hook_z")))
+    lp.get_act_patch_resid_pre_batched(model, corrupted, clean_cache, metric, 1000, verbose=False)
+    # positions 2 and 3 of every layer, but position 3 of layer 0 (the embedding of an equal token)
+    assert sum(n for n, _ in passes) == model.cfg.n_layers * 2 - 1
+    passes.clear()
+    lp.get_act_patch_attn_head_out_all_pos_batched(model, corrupted, clean_cache, metric, 1000, verbose=False)
+    assert passes and all(first == 2 for _, first in passes)
+
+
+def test_hooks_without_a_promised_position_see_every_position():
+    """Any hook (not one of TransformerLens's setters) that leaves the first positions alone runs
+    from its first change, and still sees, and may read, the whole activation."""
+    model, corrupted, clean_cache, metric, _ = setup("ouro_like", n_pos=4, differ_at=2)
+
+    def from_two(fn):
+        def hook(x, hook):
+            assert x.shape[-2 if "pattern" in hook.name else 1] == 4, "the hook must see every position"
+            out = x.clone()
+            out[:, 2:] = fn(x)[:, 2:]
+            return out
+        return hook
+
+    cells = [
+        Cell((("blocks.3.hook_resid_pre", from_two(lambda x: x + x[:, :1])),)),  # reads position 0
+        Cell((("blocks.2.attn.hook_z", from_two(lambda x: 0 * x)),)),
+        Cell((("blocks.1.attn.hook_pattern", lambda x, hook: torch.cat([x[:, :, :3], x[:, :, 3:].flip(-1)], 2)),)),
+        Cell((("blocks.1.hook_mlp_out", lambda x, hook: x.clone()),)),  # changes nothing
+    ]
+    with torch.no_grad():
+        values, _ = run_cells(model, corrupted, cells, metric, batch_size=4, verbose=False)
+        for cell, value in zip(cells, values):
+            torch.testing.assert_close(value, metric(model.run_with_hooks(corrupted, fwd_hooks=list(cell.hooks))), **TOL)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, None, 1000])

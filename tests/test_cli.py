@@ -77,7 +77,7 @@ def test_help_does_not_import_torch():
     (["report", "--tokens", "abc"], ["--tokens", "'abc' is not a token id"]),
     (["report", "--tokens", "1,a"], ["'a' is not a token id"]),
     (["report", "--tokens", ","], ["no token ids"]),
-    (["report", "--steps", "-1"], ["--steps", "negative"]),
+    (["report", "--steps", "-1"], ["--steps", "not >= 0"]),
     (["report", "--steps", "two"], ["--steps", "'two' is not a whole number"]),
     (["report", "--prompt", ""], ["--prompt", "empty"]),
     (["report", "--prompt", "a", "--tokens", "1"], ["not allowed with"]),

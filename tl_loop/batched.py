@@ -15,6 +15,12 @@ what ``evaluate(logits)`` gives for every cell, as if each cell had been run alo
   queries attend to the corrupted run's keys and values of the earlier positions, recorded once
   per layer and handed in through the attention context's KV slot; the logits of the earlier
   positions are the corrupted run's.
+* **No run for what the patch leaves equal.** A cell with one hook is first applied to the
+  unpatched corrupted activation (on a copy): if its output equals its input at every position
+  before ``p`` (bit for bit), the cell runs from ``p`` on, and a cell that changes nothing is not
+  run at all (its value is the unpatched run's metric). With clean and corrupted prompts that
+  share their first tokens, every activation before the first differing token is the same in
+  both runs, so patching it changes nothing; the cost of a sweep then falls with that prefix.
 * **Many cells per pass.** Cells are sorted by where they diverge and run ``batch_size`` at a
   time, stacked along the batch axis: a pass starts at its first cell's operation and the others
   join it at theirs (``Forward``'s ``on_op`` callback appends their rows), so every copy runs
@@ -58,6 +64,48 @@ class Cell:
 
     hooks: tuple[tuple[str, HookFn], ...]
     pos: int = 0
+
+
+def _query_axis(hook_name: str) -> int:
+    """The axis of (query) positions of the activation at ``hook_name``."""
+    return 2 if hook_name.endswith(("hook_pattern", "hook_attn_scores")) else 1
+
+
+def _first_change(before: torch.Tensor, after: torch.Tensor, axis: int) -> int | None:
+    """The first position along ``axis`` where ``after`` differs from ``before`` (NaN counts as
+    a difference), or None where they are equal."""
+    if after.shape != before.shape:
+        return 0
+    changed = (after != before).movedim(axis, 0).reshape(before.shape[axis], -1).any(dim=1)
+    where = changed.nonzero()
+    return int(where[0]) if len(where) else None
+
+
+class _Probe:
+    """Finds, during the unpatched run, where each single-hook cell's patch first changes its
+    activation; keeps that activation for cells that will start after position 0."""
+
+    def __init__(self, cells: Sequence[Cell]) -> None:
+        self.by_name: dict[str, list[int]] = {}
+        for c, cell in enumerate(cells):
+            if len(cell.hooks) == 1:
+                self.by_name.setdefault(cell.hooks[0][0], []).append(c)
+        self.cells = cells
+        self.start: dict[int, int | None] = {}  # cell -> first changed position (None: no change)
+        self.unpatched: dict[str, torch.Tensor] = {}
+
+    def hooks(self) -> list[tuple[str, HookFn]]:
+        return [(name, self._hook) for name in sorted(self.by_name)]
+
+    def _hook(self, activation: torch.Tensor, hook: Any) -> None:
+        axis = _query_axis(hook.name)
+        if any(self.cells[c].pos == 0 for c in self.by_name[hook.name]):  # may run from a later position
+            self.unpatched[hook.name] = activation.clone()
+        for c in self.by_name[hook.name]:
+            fn = self.cells[c].hooks[0][1]
+            copy = activation.clone()
+            out = fn(copy, hook, 0) if self.cells[c].pos > 0 else fn(copy, hook)
+            self.start[c] = _first_change(activation, copy if out is None else out, axis)
 
 
 def _positions(model: Any, tokens: torch.Tensor, names: set[str]) -> dict[str, int]:
@@ -157,23 +205,35 @@ def run_cells(
     def keep(x: torch.Tensor, hook: Any) -> None:
         keys.setdefault(int(hook.name.split(".")[1]), {})[hook.name.rsplit("_", 1)[-1]] = x
 
-    suffix = any(cell.pos > 0 for cell in cells)
-    kv_hooks = [(n, keep) for n in model.hook_dict if n.endswith(("attn.hook_rot_k", "attn.hook_v"))] if suffix else []
-    with model.hooks(fwd_hooks=kv_hooks):
+    probe = _Probe(cells)
+    kv_hooks = [(n, keep) for n in model.hook_dict if n.endswith(("attn.hook_rot_k", "attn.hook_v"))]
+    with model.hooks(fwd_hooks=kv_hooks + probe.hooks()):
         corrupted_logits = model._execute(tokens, on_op=record).x
     random_state = model.cfg.state_init == "random" and bool(first_state)
+    # where each cell starts: its promise, or (one hook) where its patch first changes anything
+    starts = [cell.pos for cell in cells]
+    for c, first in probe.start.items():
+        if first is not None and cells[c].pos == 0:
+            starts[c] = first
+    unchanged = [c for c, first in probe.start.items() if first is None]
+    values: list[torch.Tensor | None] = [None] * len(cells)
+    if unchanged:
+        corrupted_value = evaluate(corrupted_logits)
+        for c in unchanged:
+            values[c] = corrupted_value
+    todo = [c for c in range(len(cells)) if values[c] is None]
 
     if batch_size is None:
         materialised = any(n.endswith(("hook_pattern", "hook_attn_scores")) for n in names)
         batch_size = default_batch_size(model, batch, n_pos, materialised)
-    order = sorted(range(len(cells)), key=lambda c: (cells[c].pos, joins[c]))
-    values: list[torch.Tensor | None] = [None] * len(cells)
+    order = sorted(todo, key=lambda c: (starts[c], joins[c]))
     with tqdm(total=len(cells), desc=desc, disable=not verbose) as bar:
+        bar.update(len(cells) - len(todo))
         for first in range(0, len(order), batch_size):
             chunk = sorted(order[first : first + batch_size], key=lambda c: joins[c])
-            offset = 0 if joins[chunk[0]] == 0 else min(cells[c].pos for c in chunk)
+            offset = 0 if joins[chunk[0]] == 0 else min(starts[c] for c in chunk)
             logits = _run_pass(model, tokens, cells, joins, chunk, frames,
-                               first_state[0] if random_state else None, enter, offset, keys)
+                               first_state[0] if random_state else None, enter, offset, keys, probe.unpatched)
             for k, c in enumerate(chunk):
                 rows = logits[k * batch : (k + 1) * batch]
                 if offset:
@@ -214,6 +274,7 @@ def _run_pass(
     enter: int,
     offset: int,
     keys: dict[int, dict[str, torch.Tensor]],
+    prefix: dict[str, torch.Tensor],
 ) -> torch.Tensor:
     """One stacked pass over the cells ``chunk`` (sorted by where they join), positions from
     ``offset`` on: logits, one block of ``batch`` rows per cell in chunk order."""
@@ -256,21 +317,34 @@ def _run_pass(
         init_state = first_state[:, offset:].repeat(through, *([1] * (first_state.ndim - 1)))
     n_start = groups[start]
     run_tokens = tokens.repeat(n_start, 1) if start == 0 else tokens
-    hooks = [(name, _rows_hook(entries, offset)) for name, entries in by_name.items()]
+    hooks = [(name, _rows_hook(entries, offset, prefix.get(name))) for name, entries in by_name.items()]
     with model.hooks(fwd_hooks=hooks):
         return model._execute(run_tokens, frame=_stack(frames[start], n_start, offset), start=start,
                               init_state=init_state, on_op=join, context=context).x
 
 
-def _rows_hook(entries: list[tuple[int, int, HookFn, bool]], offset: int) -> HookFn:
-    """A hook applying each cell's own hook to that cell's rows of the stacked activation."""
+def _rows_hook(entries: list[tuple[int, int, HookFn, bool]], offset: int,
+               unpatched: torch.Tensor | None) -> HookFn:
+    """A hook applying each cell's own hook to that cell's rows of the stacked activation.
+
+    In a pass of positions ``offset..``, a cell that did not promise a first position sees the
+    whole activation: the unpatched run's positions before ``offset`` (equal to what it would
+    compute there) in front of the pass's own, and the pass keeps the positions from ``offset``.
+    """
 
     def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        axis = _query_axis(hook.name)
         for lo, hi, fn, shifted in entries:
             rows = activation[lo:hi]
-            out = fn(rows, hook, offset) if shifted else fn(rows, hook)
-            if out is not None and out is not rows:
-                activation[lo:hi] = out
+            if shifted or not offset:
+                out = fn(rows, hook, offset) if shifted else fn(rows, hook)
+                if out is not None and out is not rows:
+                    activation[lo:hi] = out
+                continue
+            assert unpatched is not None
+            whole = torch.cat([unpatched.narrow(axis, 0, offset), rows], dim=axis)
+            out = fn(whole, hook)
+            activation[lo:hi] = (whole if out is None else out).narrow(axis, offset, rows.shape[axis])
         return activation
 
     return hook

@@ -57,14 +57,20 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 # ---------------------------------------------------------------- argument types (checked at parse time)
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative (0 skips the loop)")
-    return value
+def bounded_int(minimum: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number ``>= minimum`` (``why`` is added to the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not >= {minimum}{f' ({why})' if why else ''}")
+        return value
+
+    parse.__name__ = f"int>={minimum}"  # argparse names the type in its messages
+    return parse
 
 
 def token_ids(text: str) -> list[int]:
@@ -209,7 +215,7 @@ def _model_arguments(p: argparse.ArgumentParser, default: str | None) -> None:
     else:
         p.add_argument("model", metavar="MODEL", nargs="?", default=default,
                        help=f"checkpoint folder, Hub id or embedded model name (default: {default})")
-    p.add_argument("--steps", metavar="N", type=non_negative_int, default=None,
+    p.add_argument("--steps", metavar="N", type=bounded_int(0, "0 skips the loop"), default=None,
                    help="number of recurrent steps; 0 skips the loop (default: the model's own)")
     p.add_argument("--force", action="store_true", help="allow --steps above the model's max_steps")
 

@@ -10,19 +10,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
+from tl_loop.cli import bounded_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", metavar="N", type=positive_int, default=None,
+    p.add_argument("--max-new-tokens", metavar="N", type=bounded_int(1), default=None,
                    help="tokens to generate (default: 20, or what fits the context)")
     p.add_argument("--exit", metavar="RULE", default=None,
                    help="per-token exit rule NAME[:THRESHOLD], e.g. entropy_diff:0.01, kl:5e-4, "

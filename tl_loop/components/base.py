@@ -181,6 +181,8 @@ class LoopHookPoint(HookPoint):
         for hook in tuple(self._forward_hooks.values()):
             result = hook(self, args, x)
             if result is not None:
+                if isinstance(result, torch.Tensor) and isinstance(x, torch.Tensor) and result.device != x.device:
+                    result = result.to(x.device)  # a model over several devices: a patch from cfg.device
                 x = result
         return x
 
