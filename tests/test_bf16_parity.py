@@ -44,7 +44,22 @@ def _report(family: str, ours: float, reference: float | None) -> None:
     print(f"\nbf16 parity {family}: ours {ours:.3g}, reference bf16 vs float32 {ref}")
 
 
-def test_hrm_text_bf16_within_reference(tmp_path):
+def _pattern_times_one(pattern: torch.Tensor, hook) -> torch.Tensor:
+    return pattern * 1  # a new tensor: the materialised attention runs
+
+
+#: how the bf16 model runs: no hooks, caching every hook point, a hook changing every pattern
+HOOKS = {
+    "no_hooks": lambda model, tokens, **kw: model(tokens, **kw),
+    "cache_every_hook": lambda model, tokens, **kw: model.run_with_cache(tokens, **kw)[0],
+    "pattern_changed": lambda model, tokens, **kw: model.run_with_hooks(
+        tokens, fwd_hooks=[(lambda name: name.endswith("hook_pattern"), _pattern_times_one)], **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("hooks", list(HOOKS))
+def test_hrm_text_bf16_within_reference(tmp_path, hooks):
     pytest.importorskip("transformers")
     from test_loading_hrm_text import VOCAB, build_hf
 
@@ -56,21 +71,24 @@ def test_hrm_text_bf16_within_reference(tmp_path):
         ref32, ref16 = hf(tokens).logits, hf16(tokens).logits.float()
         ours = HookedLoopedTransformer.from_pretrained(str(tmp_path / "hrm"), dtype="stored")
         assert ours.cfg.dtype == torch.bfloat16
-        logits = ours(tokens).float()
+        logits = HOOKS[hooks](ours, tokens).float()
+        if hooks == "cache_every_hook":  # read-only hooks move nothing
+            assert torch.equal(logits, ours(tokens).float())
     dev_ref, dev_ours = rel_dev(ref16, ref32), rel_dev(logits, ref32)
-    _report("hrm_text", dev_ours, dev_ref)
+    _report(f"hrm_text ({hooks})", dev_ours, dev_ref)
     assert 0 < dev_ref and dev_ours <= FACTOR * dev_ref
 
 
+@pytest.mark.parametrize("hooks", list(HOOKS))
 @pytest.mark.parametrize("name", ["ouro_tiny", "raven_tiny", "retro_llama_tiny", "retro_olmo_tiny"])
-def test_remote_code_families_bf16_close_to_float32_reference(name, tmp_path):
+def test_remote_code_families_bf16_close_to_float32_reference(name, tmp_path, hooks):
     folder = _bf16_copy(name, tmp_path)
     expected = load_file(str(FIXTURES / name / "expected.safetensors"))
     ours = HookedLoopedTransformer.from_pretrained(str(folder), dtype="stored")
     assert ours.cfg.dtype == torch.bfloat16
     kwargs = {"init_state": expected["init_state"].bfloat16()} if "init_state" in expected else {}
     with torch.no_grad():
-        logits = ours(expected["input_ids"], **kwargs).float()
+        logits = HOOKS[hooks](ours, expected["input_ids"], **kwargs).float()
     dev = rel_dev(logits, expected["logits"])
-    _report(name, dev, None)
+    _report(f"{name} ({hooks})", dev, None)
     assert dev <= NO_REFERENCE_BOUND

@@ -97,6 +97,9 @@ class _Stream:
     def map(self, fn: Any) -> "_Stream":
         return _Stream(fn(self.rows), fn(self.const))
 
+    def to(self, device: torch.device) -> "_Stream":
+        return self if self.rows.device == device else _Stream(self.rows.to(device), self.const.to(device))
+
     def __add__(self, other: "_Stream") -> "_Stream":
         return _Stream(self.rows + other.rows, self.const + other.const)
 
@@ -120,6 +123,25 @@ class _Replay(Interpreter):
         self.model = cache.model
         self.cfg = self.model.cfg
         self.schedule: Schedule = self.model.schedule
+        # A model placed over several devices: the streams follow the operations' weights, as in
+        # the forward pass (``tl_loop.placement``), and cached values are read onto their device.
+        self.placement = getattr(self.model, "_placement", None)
+        self.device: torch.device | None = None
+
+    def run(self, program: Any, frame: Any, start: int = 0, stop: int | None = None) -> Any:
+        if self.placement is None:
+            return super().run(program, frame, start, stop)
+        for position in range(start, len(program) if stop is None else stop):
+            op = program[position]
+            device = self.placement.device_of(op)
+            if device is not None and device != self.device:
+                self.device = device
+                for name in RunFrame.TENSORS:
+                    value = getattr(frame, name)
+                    if value is not None:
+                        setattr(frame, name, value.to(device))
+            super().run(program, frame, position, position + 1)
+        return frame
 
     def get(self, name: str, pos_dim: int = -2) -> torch.Tensor:
         try:
@@ -129,7 +151,8 @@ class _Replay(Interpreter):
                 f"exact attribution needs {name!r} in the cache: run run_with_cache without a "
                 "names_filter, or with names_filter=tl_loop.attribution_names_filter"
             ) from None
-        return self.pos_slice.apply(t, dim=pos_dim)
+        t = self.pos_slice.apply(t, dim=pos_dim)
+        return t if self.device is None else t.to(self.device)
 
     def labels_until(self, layer: int, mlp_input: bool) -> list[str]:
         labels = ["embed"]
@@ -154,6 +177,8 @@ class _Replay(Interpreter):
     # ---- streams ----
     def fresh(self, label: str | None = None, value: torch.Tensor | None = None) -> _Stream:
         s = _Stream(self.zero_rows.clone(), torch.zeros_like(self.embed_value))
+        if self.device is not None:
+            s = s.to(self.device)
         if label is not None:
             s.rows[self.row[label]] = value
         return s
@@ -168,6 +193,7 @@ class _Replay(Interpreter):
     @torch.no_grad()
     def run_to(self, layer: int, mlp_input: bool) -> tuple[torch.Tensor, list[str]]:
         labels = self.labels_until(layer, mlp_input)
+        self.device = None
         self.row = {label: k for k, label in enumerate(labels)}
         self.embed_value = self.get("hook_embed")
         self.zero_rows = self.embed_value.new_zeros((len(labels), *self.embed_value.shape))
@@ -176,8 +202,12 @@ class _Replay(Interpreter):
         self.run(program, frame, 0, program.block_position(layer))
         stream = frame.x
         if mlp_input:  # the attention half of the target layer
+            if self.placement is not None:
+                self.device = self.placement.blocks[self.schedule[layer].physical]
+                stream = stream.to(self.device)
             stream = self.attention_half(stream, layer, self.model.blocks[layer])
-        return self.finish(stream, labels)
+        rows, labels = self.finish(stream, labels)
+        return rows.to(self.embed_value.device), labels
 
     # ---- operations ----
     def embed(self, op: Any, f: RunFrame) -> None:
@@ -272,6 +302,7 @@ class _Replay(Interpreter):
     ) -> None:
         """Add a sublayer's write split into parts (``[..., pos, part, d_model]``, in the order of
         ``labels``) and its bias, each through the sublayer's output norm where there is one."""
+        parts, bias = parts.to(stream.rows.device), bias.to(stream.rows.device)
         if self.cfg.output_norm:
             norm = getattr(block, post_norm)
             scale = self.get(f"blocks.{i}.{post_norm}.hook_scale")
@@ -343,7 +374,7 @@ class LoopedActivationCache(ActivationCache):
         if z is None:
             raise KeyError(f"per-head attribution needs blocks.{layer}.attn.hook_z (or hook_result) in the cache")
         W_O = self.model.blocks[layer].attn.W_O
-        return torch.einsum("...hd,hdm->...hm", z, W_O.to(z.dtype))
+        return torch.einsum("...hd,hdm->...hm", z, W_O.to(z.device, z.dtype))
 
     def _final_stream_name(self) -> str | None:
         """The hook holding the stream ``ln_final`` reads, where it is not the last block's

@@ -44,6 +44,10 @@ def sync_config(model: nn.Module) -> None:
         model.cfg.n_devices = len(devices)
     if dtype is not None:
         model.cfg.dtype = dtype
+    if hasattr(model, "_placement"):
+        from tl_loop.placement import Placement
+
+        model._placement = Placement.of(model) if len(devices) > 1 else None
 
 
 class PlacementMixin(nn.Module):

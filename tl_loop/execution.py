@@ -16,6 +16,7 @@ import torch
 from tl_loop.errors import InputError
 from tl_loop.program import Block, ExitGate, Inject, InnerIn, InnerOut, Interpreter, LeaveLoop, Op, RunFrame, StateIn, StateOut
 from tl_loop.components.attention import AttentionContext
+from tl_loop.placement import ContextMover, move_frame
 
 #: What a pass started at ``start_at_layer`` must be given, by frame field: the keyword of
 #: ``HookedLoopedTransformer.forward`` and what it is.
@@ -36,6 +37,10 @@ class Forward(Interpreter):
     (its ``index`` set), which it may modify in place; ``on_op(position, frame)`` (optional)
     likewise before every operation, with its position in the program: the batched patching
     sweeps record frames and stack more rows onto the batch there.
+
+    A model placed over several devices (``model.place``) has a ``Placement``: before each
+    operation that uses weights, the whole frame moves to their device (``arrive``), before
+    ``on_op`` / ``on_block`` see it, and each block reads its attention context there.
     """
 
     def __init__(
@@ -55,14 +60,24 @@ class Forward(Interpreter):
         self.init_state, self.init_seed = init_state, init_seed
         self.on_block, self.on_op = on_block, on_op
         self.started_at = started_at
+        self.placement = getattr(model, "_placement", None)
+        self._mover = ContextMover() if self.placement is not None else None
 
     def run(self, program: Any, frame: Any, start: int = 0, stop: int | None = None) -> Any:
         if self.on_op is None:
             return super().run(program, frame, start, stop)
         for position in range(start, len(program) if stop is None else stop):
+            self.arrive(program[position], frame)  # on_op sees the frame where the operation runs
             self.on_op(position, frame)
             super().run(program, frame, position, position + 1)
         return frame
+
+    def arrive(self, op: Op, f: RunFrame) -> None:
+        """Move the frame to the device of ``op``'s weights (a model placed over several devices)."""
+        if self.placement is not None:
+            device = self.placement.device_of(op)
+            if device is not None:
+                move_frame(f, device)
 
     # ---- modules (overridden by HookFree) ----
     def block_module(self, op: Block) -> Any:
@@ -99,10 +114,14 @@ class Forward(Interpreter):
             f.x = f.x + model.hook_pos_embed(model.pos_embed(tokens, self.context.positions))
 
     def block(self, op: Block, f: RunFrame) -> None:
+        self.arrive(op, f)
         if self.on_block is not None:
             f.index = op.index
             self.on_block(f)
-        f.x = self.block_module(op)(self.need(f, "x", op), self.context_for(op))
+        context = self.context_for(op)
+        if self.placement is not None:  # the context on the block's device
+            context = self._mover.context(context, self.placement.device_of(op))  # type: ignore[union-attr]
+        f.x = self.block_module(op)(self.need(f, "x", op), context)
 
     def enter_loop(self, op: Op, f: RunFrame) -> None:
         model = self.model
@@ -120,12 +139,14 @@ class Forward(Interpreter):
         f.x = cycle.hook_injected(f.inner_state + self.need(f, "state", op))
 
     def inner_out(self, op: InnerOut, f: RunFrame) -> None:
+        self.arrive(op, f)
         cycle = self.loop_module(op.step).inner[op.cycle]
         x = self.need(f, "x", op)
         f.inner_state = cycle.hook_state_out(cycle.ln_state(x) if op.norm else x)
         f.source = f.inner_state
 
     def inject(self, op: Inject, f: RunFrame) -> None:
+        self.arrive(op, f)
         state = self.need(f, "state", op)
         if op.how == "none":
             f.x = state
@@ -135,22 +156,27 @@ class Forward(Interpreter):
         f.x = self.loop_module(op.step).hook_injected(x)
 
     def state_out(self, op: StateOut, f: RunFrame) -> None:
+        self.arrive(op, f)
         step = self.loop_module(op.step)
         x = self.need(f, "x", op)
         f.state = step.hook_state_out(step.ln_state(x) if op.norm else x)
 
     def exit_gate(self, op: ExitGate, f: RunFrame) -> torch.Tensor:
+        self.arrive(op, f)
         value = f.state if op.reads == "state" else f.x
         return self.loop_module(op.step).hook_exit_gate(self.model.exit_gate(value))
 
     def leave_loop(self, op: LeaveLoop, f: RunFrame) -> None:
+        self.arrive(op, f)
         state = self.need(f, "state", op)
         f.x = self.norm_module("ln_loop_out")(state) if op.norm else state
 
     def final_norm(self, op: Op, f: RunFrame) -> None:
+        self.arrive(op, f)
         f.x = self.norm_module("ln_final")(self.need(f, "x", op))
 
     def unembed(self, op: Op, f: RunFrame) -> None:
+        self.arrive(op, f)
         f.x = self.model.unembed_residual(f.x)
 
 

@@ -192,17 +192,21 @@ class Decode(Forward):
             self.active = self.exit_at >= op.step
 
     def state_out(self, op: StateOut, f: RunFrame) -> None:
+        self.arrive(op, f)  # a placed model: x on the device of the step's norm
         x = self.need(f, "x", op)
         super().state_out(op, f)
         if self.select:
             self.xs.append(x)
             return
-        self.final_x = x if self.final_x is None else torch.where(self.active[..., None], x, self.final_x)
+        if self.final_x is None:
+            self.final_x = x
+        else:
+            self.final_x = torch.where(self.active[..., None].to(x.device), x, self.final_x.to(x.device))
         if self.rule is not None:
             exited, value = self.rule.check(self._probe(op.step, x, self.entering[-1]), self.memory)
             self.values.append(value)
             running = self.active.any(-1)
-            newly = exited & running
+            newly = exited.to(running.device) & running
             self.exit_step = torch.where(newly, op.step, self.exit_step)
             self.active = self.active & ~newly[:, None]
         if not self.active.any():
@@ -220,7 +224,9 @@ class Decode(Forward):
 
     # ---- read-outs and exit decisions ----
     def _probe(self, step: int, x: torch.Tensor, previous: torch.Tensor) -> Probe:
-        return Probe(step, x, previous, self.valid, lambda: self.read_out(x)[:, -1], lambda: self.gates[step][:, -1])
+        home = self.exit_step.device  # a placed model: the rule computes where the tokens are
+        return Probe(step, x.to(home), previous.to(home), self.valid, lambda: self.read_out(x)[:, -1].to(home),
+                     lambda: self.gates[step][:, -1].to(home))
 
     def read_out(self, x: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos d_vocab"]:
         """Logits of step-end states ``x``: the program from ``LeaveLoop`` on, on hook-free
@@ -236,10 +242,10 @@ class Decode(Forward):
         """``(logits [batch, pos, d_vocab], exit_step [batch])`` after ``run``: in select mode
         the rule (or ``exit_at``) picks each row's step now, and rows that exit early are read
         out again from their step's state."""
-        logits = f.x
+        logits = f.x.to(self.exit_step.device)  # a placed model: back where the tokens are
         if not self.select or (self.rule is None and self.exit_at is None):
             return logits, self.exit_step
-        states = torch.stack(self.xs)  # [step, batch, pos, d_model]
+        states = torch.stack([x.to(self.exit_step.device) for x in self.xs])  # [step, batch, pos, d_model]
         if self.exit_at is not None:
             choice = self.exit_at
         else:
@@ -247,7 +253,7 @@ class Decode(Forward):
             for step, x in enumerate(self.xs):
                 hit, value = self.rule.check(self._probe(step, x, self.entering[step]), self.memory)
                 self.values.append(value)
-                newly = hit & ~exited
+                newly = hit.to(exited.device) & ~exited
                 self.exit_step = torch.where(newly, step, self.exit_step)
                 exited |= newly
             choice = self.exit_step[:, None].expand(states.shape[1:3])
@@ -255,7 +261,7 @@ class Decode(Forward):
             return logits, self.exit_step
         index = choice[None, ..., None].expand(1, *states.shape[1:])
         chosen = states.gather(0, index)[0]
-        return self.read_out(chosen), self.exit_step
+        return self.read_out(chosen).to(self.exit_step.device), self.exit_step
 
 
 class _Tail(HookFree):

@@ -11,7 +11,7 @@ Per effective layer ``i`` (TransformerLens names and shapes; fire in this order)
     blocks.{i}.ln1.hook_normalized      [batch, pos, d_model]
     blocks.{i}.attn.hook_q / hook_k / hook_v   [batch, pos, head, d_head]  (k, v: kv heads)
     blocks.{i}.attn.hook_rot_q / hook_rot_k    [batch, pos, head, d_head]  after RoPE
-    blocks.{i}.attn.hook_attn_scores    [batch, head, query_pos, key_pos]  masked, pre-softmax
+    blocks.{i}.attn.hook_attn_scores    [batch, head, query_pos, key_pos]  masked, pre-softmax (float32 in 16-bit models)
     blocks.{i}.attn.hook_pattern        [batch, head, query_pos, key_pos]
     blocks.{i}.attn.hook_z              [batch, pos, head, d_head]
     blocks.{i}.attn.hook_result         [batch, pos, head, d_model]  (cfg.use_attn_result)

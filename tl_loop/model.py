@@ -145,6 +145,7 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         if not isinstance(cfg, LoopedConfig):
             raise InputError(f"cfg must be a LoopedConfig, got {type(cfg).__name__}")
         cfg = copy.deepcopy(cfg)  # the model owns its config: nothing it does changes the caller's
+        cfg.n_devices = 1  # TransformerLens's field: the devices the weights span (``place``)
         self.cfg = cfg
         self.tokenizer = tokenizer
 
@@ -184,6 +185,7 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         self._splices: list[Any] = []
         self._removed_splices: list[Any] = []  # unspliced, their sites still to take off their hosts
         self._rotary_cache: dict[tuple[int, str, torch.dtype], RotaryTables] = {}
+        self._placement: Any = None  # a tl_loop.placement.Placement when the weights span several devices
         self._install_views(cfg.n_steps)
         if init_weights:
             self.init_weights(seed)
@@ -346,10 +348,13 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
     ):
         """As TransformerLens: returns ``(output, cache)`` with a ``LoopedActivationCache``.
 
-        ``n_steps=`` runs at that depth; the cache stays bound to it afterwards.
+        ``n_steps=`` runs at that depth; the cache stays bound to it afterwards. A model placed
+        over several devices caches on ``cfg.device`` unless ``device=`` says otherwise.
         """
         from tl_loop.cache import LoopedActivationCache
 
+        if self._placement is not None and kwargs.get("device") is None:
+            kwargs["device"] = self.cfg.device  # placed over several devices: one cache, where TL allocates
         steps_ctx = self.steps(n_steps, force) if n_steps is not None else contextlib.nullcontext()
         with steps_ctx:
             names_filter = kwargs.get("names_filter")
@@ -477,14 +482,48 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         dtype: torch.dtype | str | None = None,
         revision: str | None = None,
         family: str | None = None,
+        device_map: str | dict[str, Any] | None = None,
+        max_memory: dict[Any, int | str] | None = None,
         **options: Any,
     ) -> "HookedLoopedTransformer":
-        """Load a released checkpoint (local folder or Hub id); see ``tl_loop.loading``."""
+        """Load a released checkpoint (local folder or Hub id); see ``tl_loop.loading``.
+
+        ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module: device}``)
+        places the physical blocks over several devices, each tensor loaded onto its own; see
+        ``place``."""
         from tl_loop.loading import load_pretrained
 
         return load_pretrained(
-            name_or_path, family=family, n_steps=n_steps, device=device, dtype=dtype, revision=revision, **options
+            name_or_path, family=family, n_steps=n_steps, device=device, dtype=dtype, revision=revision,
+            device_map=device_map, max_memory=max_memory, **options
         )
+
+    # ------------------------------------------------------------------ placement over devices
+    def place(
+        self, device_map: str | dict[str, Any] = "auto", max_memory: dict[Any, int | str] | None = None
+    ) -> "HookedLoopedTransformer":
+        """Put the embedding, each physical block and the unembedding on devices; returns the model.
+
+        ``device_map``: ``{module: device}`` over ``embed``, ``prelude.{j}``, ``adapter``,
+        ``loop_norm``, ``inner.{j}``, ``core.{j}``, ``exit_gate``, ``coda.{j}``, ``final_norm``,
+        ``unembed`` (prefixes such as ``"core"`` or ``""`` cover several; devices as accelerate
+        writes them: ``0``, ``"cuda:1"``, ``"cpu"``), or ``"auto"`` / ``"balanced"`` /
+        ``"balanced_low_0"`` / ``"sequential"``, resolved by accelerate within ``max_memory``
+        (e.g. ``{0: "70GiB", 1: "70GiB"}``). The unrolled views follow their physical block; the
+        pass moves its residual stream, state and injection input at each device boundary.
+        ``cfg.device`` becomes the embedding's device, ``cfg.n_devices`` the number of devices;
+        ``model.to(device)`` gathers everything again. See ``tl_loop.placement``."""
+        from tl_loop.placement import place
+
+        with self._guard():
+            return place(self, device_map, max_memory)
+
+    @property
+    def device_map(self) -> dict[str, str]:
+        """``{module: device}`` of the placement units, read from where their weights are now."""
+        from tl_loop.placement import current_device_map
+
+        return current_device_map(self)
 
     def save_pretrained(self, folder: str, family: str | None = None) -> Any:
         """Save in the family's own checkpoint format (loadable by ``from_pretrained``)."""
@@ -609,7 +648,7 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         tokens = torch.as_tensor(tokens, device=self.W_E.device)
         directions = self._unembed_weight()[tokens]  # [..., d_model]
         if self.final_norm is not None:
-            directions = directions * self.final_norm.w
+            directions = directions * self.final_norm.w.to(directions.device)
         return directions
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> torch.Tensor:
@@ -618,9 +657,9 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         total = torch.zeros(self.cfg.d_model, dtype=self.W_E.dtype, device=self.W_E.device)
         for i in range(layer + (1 if mlp_input else 0)):
             block = self.blocks[i]
-            total = total + block.attn.b_O
+            total = total + block.attn.b_O.to(total.device)  # .to: a model placed over several devices
             if include_mlp_biases and i < layer:
-                total = total + block.mlp.b_out
+                total = total + block.mlp.b_out.to(total.device)
         return total
 
     # ------------------------------------------------------------------ forward
@@ -739,6 +778,8 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
                 raise InputError(
                     f"init_state has shape {tuple(init_state.shape)}, expected [batch, pos, d_model] = {tuple(like.shape)}"
                 )
+            if init_state.device != like.device and self._placement is not None:
+                init_state = init_state.to(like.device)  # placed over several devices: follow the stream
             if init_state.device != like.device:
                 raise InputError(f"init_state is on {init_state.device}, the model runs on {like.device}")
             if init_state.dtype != like.dtype:
@@ -847,9 +888,11 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
                       started_at=start_at_layer, attention_mask=attention_mask)
         if stop is not None:
             return frame.x
-        logits = frame.x
         if return_type is None:
             return None
+        logits = frame.x
+        if self._placement is not None and logits.device != self.W_E.device:
+            logits = logits.to(self.W_E.device)  # over several devices: back where the tokens are
         if return_type == "logits":
             return logits
         if tokens is None:
@@ -1003,4 +1046,4 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
     def _initial_inner_state(self, like: torch.Tensor) -> torch.Tensor:
         if self.inner_init is None:
             return torch.zeros_like(like)
-        return self.inner_init.to(like.dtype).expand_as(like).contiguous()
+        return self.inner_init.to(like.device, like.dtype).expand_as(like).contiguous()

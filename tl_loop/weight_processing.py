@@ -64,7 +64,7 @@ def _assign(p: torch.Tensor, value: torch.Tensor) -> None:
 
 def _scale_columns(mat: torch.Tensor, w: torch.Tensor) -> None:
     """``mat [out, in] *= w [in]`` in place."""
-    _assign(mat, _work(mat) * _work(w))
+    _assign(mat, _work(mat) * _work(w).to(mat.device))  # a placed model: the norm may sit elsewhere
 
 
 def _center_columns(mat: torch.Tensor) -> None:
@@ -87,7 +87,7 @@ def _center_vector(v: torch.Tensor | None) -> None:
 
 def _add_matvec(bias: torch.Tensor, mat: torch.Tensor, vec: torch.Tensor) -> None:
     """``bias += mat [out, in] @ vec [in]`` in place."""
-    _assign(bias, _work(bias) + _work(mat) @ _work(vec))
+    _assign(bias, _work(bias) + (_work(mat) @ _work(vec).to(mat.device)).to(bias.device))
 
 
 def _zero_param(module: nn.Module, name: str, size: int, like: torch.Tensor) -> bool:
@@ -133,7 +133,8 @@ class WeightProcessingMixin:
                 per_physical[key] = get(view)
             rows.append(per_physical[key])
         if rows:
-            return torch.stack(rows)
+            home = rows[0].device  # a model placed over several devices: stacked on the first
+            return torch.stack([r.to(home) for r in rows])
         like = get(HookedBlock(self.core[0], self.cfg))  # type: ignore[attr-defined]  # no layers: shape only
         return like.new_empty((0, *like.shape))
 

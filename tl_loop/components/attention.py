@@ -5,8 +5,9 @@ Hook points of one application (TransformerLens names)::
     hook_q, hook_rot_q      [batch, pos, head, d_head]      before / after RoPE
     hook_k, hook_rot_k      [batch, pos, kv_head, d_head]
     hook_v                  [batch, pos, kv_head, d_head]
-    hook_attn_scores        [batch, head, query_pos, key_pos]   scaled, causally masked (-inf)
-    hook_pattern            [batch, head, query_pos, key_pos]
+    hook_attn_scores        [batch, head, query_pos, key_pos]   scaled, causally masked (-inf);
+                                                            float32 in bf16 / fp16 models
+    hook_pattern            [batch, head, query_pos, key_pos]   in the model's dtype
     hook_gate               [batch, pos, head, d_head]      sigmoid output gate (HRM only)
     hook_z                  [batch, pos, head, d_head]      gated where the family gates
     hook_result             [batch, pos, head, d_model]     only with cfg.use_attn_result
@@ -26,7 +27,18 @@ slot (``KVSlot``: past keys and values). Query ``i`` of ``n_q`` new positions si
 never has an empty row).
 
 When nothing is attached to ``hook_attn_scores`` or ``hook_pattern`` the pattern is never
-materialised and PyTorch's fused scaled-dot-product attention runs instead.
+materialised: PyTorch's fused scaled-dot-product attention runs. Hooks there see the
+materialised scores and pattern, and the output depends on what they do (``run_hook_point``):
+
+- hooks that leave both unchanged (read, cache, return the input or None; no write in place):
+  the fused kernel's output, so the numbers are those of the no-hook forward bit for bit, in
+  every dtype; where a gradient is recorded it flows through the pattern (backward hooks,
+  ``retain_grad``), with the values still the fused kernel's;
+- a hook that changes either (returns another tensor, or writes into it): ``pattern @ v`` with
+  what it returned, computed as the fused kernel computes attention: scores and softmax in
+  float32 at least, the pattern in the model's dtype, ``pattern @ v`` accumulated in float32 and
+  cast back once, so a changing hook's numbers stay within the kernel's own bf16 noise. A
+  backward hook wraps the activation (a new tensor), so it counts as a change.
 """
 
 from __future__ import annotations
@@ -41,7 +53,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 
-from tl_loop.components.base import LoopHookPoint, WeightView, has_hooks, set_present, split_projections
+from tl_loop.components.base import (
+    LoopHookPoint,
+    WeightView,
+    exact_with_gradient_of,
+    is_hooked,
+    run_hook_point,
+    set_present,
+    split_projections,
+)
 from tl_loop.components.norm import HookedNorm, NormWeights
 from tl_loop.components.rotary import RotaryTables, apply_rotary_tables
 from tl_loop.config import LoopedConfig
@@ -283,40 +303,19 @@ class HookedAttention(WeightView):
         if context.kv is not None:
             k, v, from_slot = context.kv.update(k, v)
             key_valid = from_slot if from_slot is not None else key_valid
-        n_keys = k.shape[1]
-        bias = context.bias(n_pos, n_keys, key_valid, q.dtype, q.device)
         scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.d_head)
 
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d]
-        if has_hooks(self.hook_attn_scores) or has_hooks(self.hook_pattern):
-            kh_full = kh.repeat_interleave(cfg.n_groups, dim=1) if cfg.n_groups > 1 else kh
-            vh_full = vh.repeat_interleave(cfg.n_groups, dim=1) if cfg.n_groups > 1 else vh
-            # scale * q k^T + mask (0 / -inf) in one batched GEMM: the same values as
-            # (q @ k^T) * scale followed by masked_fill, without two more passes over the scores.
-            heads = batch * cfg.n_heads
-            if bias is None:
-                mask = causal_mask_bias(n_pos, q.dtype, q.device)
-            else:
-                mask = bias.expand(batch, cfg.n_heads, n_pos, n_keys).reshape(heads, n_pos, n_keys)
-            scores = torch.baddbmm(
-                mask,
-                qh.reshape(heads, n_pos, cfg.d_head),
-                kh_full.reshape(heads, n_keys, cfg.d_head).transpose(1, 2),
-                alpha=scale,
-            ).view(batch, cfg.n_heads, n_pos, n_keys)
-            scores = self.hook_attn_scores(scores)
-            if q.dtype == torch.float32:
-                probs = torch.softmax(scores, dim=-1)
-            else:
-                probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            pattern = self.hook_pattern(probs)
-            zh = torch.matmul(pattern, vh_full)
+        if is_hooked(self.hook_attn_scores) or is_hooked(self.hook_pattern):
+            pattern, changed = self._hooked_pattern(qh, kh, context, key_valid, scale)
+            if changed:  # a hook changed the scores or the pattern: attend with what it returned
+                zh = self._pattern_times_values(pattern, vh)
+            else:  # read only: the fused kernel's numbers, the gradient through the pattern
+                zh = self._fused(qh, kh, vh, context, key_valid, scale)
+                if pattern is not None:
+                    zh = exact_with_gradient_of(zh, lambda: self._pattern_times_values(pattern, vh))
         else:
-            causal = {"is_causal": True} if bias is None else {"attn_mask": bias}
-            if cfg.n_groups > 1 and not _SDPA_HAS_GQA:
-                kh, vh = kh.repeat_interleave(cfg.n_groups, 1), vh.repeat_interleave(cfg.n_groups, 1)
-            extra = {"enable_gqa": True} if cfg.n_groups > 1 and _SDPA_HAS_GQA else {}
-            zh = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, **causal, **extra)
+            zh = self._fused(qh, kh, vh, context, key_valid, scale)
         z = zh.transpose(1, 2)  # [batch, pos, head, d_head]
         if cfg.attn_output_gate:
             z = self.hook_gate(self._gate(x, batch, n_pos)) * z
@@ -326,6 +325,80 @@ class HookedAttention(WeightView):
             out = result.sum(dim=-2)
             return out + self.weights.b_o if self.weights.b_o is not None else out
         return F.linear(z.reshape(batch, n_pos, cfg.n_heads * cfg.d_head), self.weights.w_o, self.weights.b_o)
+
+    def _fused(
+        self,
+        qh: torch.Tensor,
+        kh: torch.Tensor,
+        vh: torch.Tensor,
+        context: AttentionContext,
+        key_valid: torch.Tensor | None,
+        scale: float,
+    ) -> Float[torch.Tensor, "batch head query_pos d_head"]:
+        """PyTorch's fused scaled-dot-product attention (the pattern is never materialised)."""
+        cfg = self.cfg
+        bias = context.bias(qh.shape[2], kh.shape[2], key_valid, qh.dtype, qh.device)
+        causal = {"is_causal": True} if bias is None else {"attn_mask": bias}
+        if cfg.n_groups > 1 and not _SDPA_HAS_GQA:
+            kh, vh = kh.repeat_interleave(cfg.n_groups, 1), vh.repeat_interleave(cfg.n_groups, 1)
+        extra = {"enable_gqa": True} if cfg.n_groups > 1 and _SDPA_HAS_GQA else {}
+        return F.scaled_dot_product_attention(qh, kh, vh, scale=scale, **causal, **extra)
+
+    def _hooked_pattern(
+        self,
+        qh: torch.Tensor,
+        kh: torch.Tensor,
+        context: AttentionContext,
+        key_valid: torch.Tensor | None,
+        scale: float,
+    ) -> tuple[Float[torch.Tensor, "batch head query_pos key_pos"] | None, bool]:
+        """Fire ``hook_attn_scores`` and ``hook_pattern``: the pattern (None where nothing needs
+        it) and whether a hook changed the scores or the pattern (see ``run_hook_point``).
+
+        As the fused kernel computes them: scores and softmax in float32 at least (bf16 / fp16
+        models: ``hook_attn_scores`` is float32, as in TransformerLens's HookedTransformer), the
+        pattern in the model's dtype.
+        """
+        cfg = self.cfg
+        batch, _, n_pos, _ = qh.shape
+        n_keys = kh.shape[2]
+        dtype = torch.promote_types(qh.dtype, torch.float32)
+        kh_full = kh.repeat_interleave(cfg.n_groups, dim=1) if cfg.n_groups > 1 else kh
+        # scale * q k^T + mask (0 / -inf) in one batched GEMM: the same values as
+        # (q @ k^T) * scale followed by masked_fill, without two more passes over the scores.
+        heads = batch * cfg.n_heads
+        bias = context.bias(n_pos, n_keys, key_valid, dtype, qh.device)
+        if bias is None:
+            mask = causal_mask_bias(n_pos, dtype, qh.device)
+        else:
+            mask = bias.expand(batch, cfg.n_heads, n_pos, n_keys).reshape(heads, n_pos, n_keys)
+        scores = torch.baddbmm(
+            mask,
+            qh.reshape(heads, n_pos, cfg.d_head).to(dtype),
+            kh_full.reshape(heads, n_keys, cfg.d_head).transpose(1, 2).to(dtype),
+            alpha=scale,
+        ).view(batch, cfg.n_heads, n_pos, n_keys)
+        changed = False
+        if is_hooked(self.hook_attn_scores):
+            scores, changed = run_hook_point(self.hook_attn_scores, scores)
+        needed = changed or is_hooked(self.hook_pattern) or (torch.is_grad_enabled() and scores.requires_grad)
+        if not needed:
+            return None, False
+        pattern = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(qh.dtype)
+        if is_hooked(self.hook_pattern):
+            pattern, pattern_changed = run_hook_point(self.hook_pattern, pattern)
+            changed = changed or pattern_changed
+        return pattern, changed
+
+    def _pattern_times_values(
+        self, pattern: Float[torch.Tensor, "batch head query_pos key_pos"], vh: torch.Tensor
+    ) -> Float[torch.Tensor, "batch head query_pos d_head"]:
+        """``pattern @ v``, accumulated in float32 at least and cast back once (as the fused
+        kernel does)."""
+        cfg = self.cfg
+        vh_full = vh.repeat_interleave(cfg.n_groups, dim=1) if cfg.n_groups > 1 else vh
+        dtype = torch.promote_types(torch.promote_types(pattern.dtype, vh.dtype), torch.float32)
+        return torch.matmul(pattern.to(dtype), vh_full.to(dtype)).to(vh.dtype)
 
     def _gate(self, x: torch.Tensor | tuple[torch.Tensor, ...], batch: int, n_pos: int) -> torch.Tensor:
         """HRM's output gate ``sigmoid(x W_gate)`` per head dim; with per-head inputs each head

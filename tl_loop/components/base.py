@@ -9,7 +9,7 @@ while ``named_modules`` lists every hook point of every effective layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -84,6 +84,54 @@ def _global_module_hooks() -> bool:
     return bool(_GFH or _GFPH or _GBH or _GBPH)
 
 
+def is_hooked(point: nn.Module) -> bool:
+    """Whether calling ``point`` could do anything: hooks or pre-hooks of any direction, splices,
+    torch's global module hooks, or an instance-level ``forward`` (nnsight's interleaver)."""
+    return bool(
+        point._forward_hooks
+        or point._forward_pre_hooks
+        or point._backward_hooks
+        or point._backward_pre_hooks
+        or getattr(point, "splices", ())
+        or "forward" in point.__dict__
+    ) or _global_module_hooks()
+
+
+def run_hook_point(point: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Fire ``point`` on ``x``: what it returns, and whether that differs from ``x``.
+
+    The one test of "did the hooks change the activation?" for hook points whose presence could
+    change the computation (``hook_scale`` of a norm, ``hook_attn_scores`` / ``hook_pattern``):
+    unchanged means the hooks returned ``x`` itself (or None) and wrote nothing into it. A write
+    in place (TransformerLens's patching setters write in place and return the same tensor) shows
+    as a new ``x._version``. Inference tensors have no version counter: for them a copy of ``x``
+    is kept and compared with ``torch.equal`` (one extra copy of the activation while the hooks
+    run). A changed activation is used as returned; an unchanged one lets the caller keep its
+    exact no-hook result.
+    """
+    if x.is_inference():
+        kept = x.clone()
+        out = point(x)
+        return out, not (out is x and torch.equal(x, kept))
+    version = x._version
+    out = point(x)
+    return out, not (out is x and x._version == version)
+
+
+def exact_with_gradient_of(exact: torch.Tensor, hooked: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``exact``'s values, with the gradient of ``hooked()`` where one is recorded.
+
+    Where hooks left an activation unchanged the no-hook result is kept, but a gradient must still
+    flow through the hook point (backward hooks, ``retain_grad`` on a cached tensor): then
+    ``exact.detach() + (h - h.detach())`` adds an exact zero whose gradient is ``h``'s. Under
+    ``no_grad`` / inference mode ``hooked`` is never computed.
+    """
+    if not (torch.is_grad_enabled() and exact.requires_grad):
+        return exact
+    h = hooked()
+    return exact.detach() + (h - h.detach())
+
+
 class LoopHookPoint(HookPoint):
     """A TransformerLens ``HookPoint`` that costs one plain function call when nothing is attached.
 
@@ -133,6 +181,8 @@ class LoopHookPoint(HookPoint):
         for hook in tuple(self._forward_hooks.values()):
             result = hook(self, args, x)
             if result is not None:
+                if isinstance(result, torch.Tensor) and isinstance(x, torch.Tensor) and result.device != x.device:
+                    result = result.to(x.device)  # a model over several devices: a patch from cfg.device
                 x = result
         return x
 

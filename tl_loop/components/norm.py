@@ -6,9 +6,10 @@ Hook points (shapes for a ``[batch, pos, d]`` input)::
     hook_normalized  [batch, pos, d]   the norm's output (weight and bias applied)
 
 Numerics follow the reference implementations: statistics in float32, ``x * rsqrt(var + eps)``
-cast back to the input dtype, *then* multiplied by the weight. When a hook is attached to
-``hook_scale`` the input is divided by the (possibly replaced) scale instead, which agrees to
-float rounding.
+cast back to the input dtype, *then* multiplied by the weight. A hook on ``hook_scale`` sees
+``sqrt(var + eps)``; if it leaves the scale unchanged (returns it, or None, without writing into
+it: see ``run_hook_point``) the output is the no-hook one bit for bit, and the gradient flows
+through the scale. A scale the hook changed divides the input instead.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 from jaxtyping import Float
 
-from tl_loop.components.base import LoopHookPoint, WeightView, has_hooks
+from tl_loop.components.base import LoopHookPoint, WeightView, exact_with_gradient_of, is_hooked, run_hook_point
 
 
 class NormWeights(nn.Module):
@@ -53,13 +54,17 @@ class HookedNorm(WeightView):
         if self.norm_type == "LN":
             xf = xf - xf.mean(-1, keepdim=True)
         var = xf.pow(2).mean(-1, keepdim=True) + self.eps
-        if has_hooks(self.hook_scale):
-            # a hook may read or replace the scale: normalise by what it returns
-            y = (xf / self.hook_scale(var.sqrt())).to(x.dtype)
+        if is_hooked(self.hook_scale):
+            scale, changed = run_hook_point(self.hook_scale, var.sqrt())
+            if changed:  # a hook replaced the scale (or wrote into it): normalise by it
+                y = xf / scale
+            else:  # read only: the no-hook numbers, the gradient through the scale
+                y = exact_with_gradient_of(xf * var.rsqrt(), lambda: xf / scale)
         else:
             # x * rsqrt(var) (Hugging Face's RMSNorm, bit for bit): a multiply instead of a
             # divide over the whole tensor; the scale itself is never needed
-            y = (xf * var.rsqrt()).to(x.dtype)
+            y = xf * var.rsqrt()
+        y = y.to(x.dtype)
         if self.weights is not None:
             y = y * self.weights.w
             if self.weights.b is not None:

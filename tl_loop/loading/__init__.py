@@ -95,6 +95,8 @@ def load_pretrained(
     revision: str | None = None,
     allow_pickle: bool = False,
     check_memory: bool = True,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, int | str] | None = None,
     **options: Any,
 ):
     """Load a checkpoint folder (or Hub id) as a ``HookedLoopedTransformer``.
@@ -110,7 +112,14 @@ def load_pretrained(
         dtype: compute dtype; default float32, ``"stored"`` keeps the checkpoint's dtype.
         allow_pickle: accept a ``.bin`` pickle checkpoint (loaded with ``weights_only=True``).
         check_memory: refuse (``CheckpointError`` with the numbers) when the weights clearly do
-            not fit the device's free memory; activations come on top of the weights.
+            not fit the device's free memory; activations come on top of the weights. With a
+            ``device_map``, each device is checked for its own share.
+        device_map: place the modules over several devices instead of ``device``: ``"auto"``,
+            ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` (accelerate's planner within
+            ``max_memory``) or ``{module: device}``; see ``tl_loop.placement``. The map is
+            resolved on the meta model before any weight is read, and each checkpoint tensor is
+            read straight onto the device of the module that takes it (``checkpoint_devices``);
+            a conversion that cannot be traced on shapes runs in host memory instead.
         options: family-specific options (e.g. ``layout=`` for looping a feedforward model).
     """
     from tl_loop.model import HookedLoopedTransformer
@@ -118,6 +127,10 @@ def load_pretrained(
     from tl_loop.pretrained import resolve as resolve_shipped  # "tl-loop/<name>": shipped in the package
 
     compute_dtype = None if isinstance(dtype, str) and dtype == "stored" else _parse_dtype(dtype, None)
+    if device_map is not None and device is not None:
+        raise InputError(f"pass device={device!r} or device_map=..., not both (device_map says where every module goes)")
+    if device_map is None and max_memory is not None:
+        raise InputError("max_memory applies with device_map='auto' / 'balanced' / 'sequential'")
     device = _parse_device(device)
     folder = resolve_shipped(name_or_path) or resolve_checkpoint(name_or_path, revision)
     config_json = read_config(folder)
@@ -135,6 +148,8 @@ def load_pretrained(
     cfg = build_config(fam, config_json, set(tensors), folder / "config.json", **options)
     cfg.dtype = tensors.dtype = compute_dtype or _parse_dtype("stored", tensors.stored_dtype())
     cfg.device = str(target)
+    if device_map is not None:
+        return _load_placed(folder, fam, cfg, tensors, device_map, max_memory, check_memory, n_steps)
     if check_memory:
         check_fits(tensors.loaded_bytes(), target, f"the weights of {folder} in {str(cfg.dtype).removeprefix('torch.')}")
     strict = StrictTensors(tensors)
@@ -146,6 +161,61 @@ def load_pretrained(
     if n_steps is not None:
         model.set_n_steps(n_steps)
     return model
+
+
+def _load_placed(folder: Path, fam: Family, cfg: LoopedConfig, tensors: LazyTensors, device_map: Any,
+                 max_memory: Any, check_memory: bool, n_steps: int | None):
+    """``load_pretrained`` with a ``device_map``: plan on the meta model, check each device's
+    share, convert, and move each converted tensor to its module's device."""
+    from tl_loop.model import HookedLoopedTransformer
+    from tl_loop.placement import bytes_per_device, infer_device_map, parse_device, place, unit_of_key
+
+    with torch.device("meta"):
+        model = HookedLoopedTransformer(cfg, tokenizer=load_tokenizer(folder), init_weights=False)
+    resolved = infer_device_map(model, device_map, max_memory)
+    devices = {unit: parse_device(value, unit) for unit, value in resolved.items()}
+    if check_memory:
+        for device, n in bytes_per_device(model, resolved).items():
+            check_fits(n, device, f"the share of {folder}'s weights placed on {device} "
+                                   f"(in {str(cfg.dtype).removeprefix('torch.')})")
+    tensors.device_of = checkpoint_devices(fam, cfg, tensors, devices) or {}
+    if check_memory and not tensors.device_of:
+        check_fits(tensors.loaded_bytes(), "cpu", f"the weights of {folder}, converted in host memory before "
+                                                  "each goes to its device,")
+    strict = StrictTensors(tensors)
+    state_dict = fam.convert(strict, cfg)
+    strict.finish()
+    placed = {}
+    for key in list(state_dict):
+        placed[key] = _placed(state_dict.pop(key), devices[unit_of_key(key, devices)], cfg.dtype)
+    load_into(model, placed, assign=True)
+    place(model, resolved)
+    if n_steps is not None:
+        model.set_n_steps(n_steps)
+    return model
+
+
+def checkpoint_devices(fam: Family, cfg: LoopedConfig, tensors: LazyTensors,
+                       devices: dict[str, torch.device]) -> dict[str, torch.device] | None:
+    """Checkpoint name -> the device of the module that takes it, found by running the family's
+    conversion on shapes only (``LazyTensors.traced``: no data read) and following each converted
+    tensor back to the checkpoint tensors it is computed from. None when the conversion needs
+    values, or a checkpoint tensor feeds modules on two devices (then the loader converts in host
+    memory and moves each result)."""
+    from tl_loop.placement import unit_of_key
+
+    try:
+        with torch.no_grad():
+            converted = fam.convert(StrictTensors(tensors.traced()), cfg)
+    except Exception:  # a conversion that looks at values: no plan, stage on the host instead
+        return None
+    out: dict[str, torch.device] = {}
+    for key, value in converted.items():
+        device = devices[unit_of_key(key, devices)]
+        for name in getattr(value, "sources", ()):
+            if out.setdefault(name, device) != device:
+                return None  # one checkpoint tensor feeds modules on two devices: convert on the host
+    return out
 
 
 def _placed(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

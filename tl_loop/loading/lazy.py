@@ -49,7 +49,9 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     """Checkpoint name -> tensor, read on access and converted to ``device`` / ``dtype``.
 
     ``dtype`` applies to floating tensors only (integer tensors keep theirs); None keeps the
-    stored dtype. Every access reads again: callers keep what they need.
+    stored dtype. ``device_of`` gives some tensors their own device (a model placed over several:
+    each read straight onto the device of the module that takes it). Every access reads again:
+    callers keep what they need.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         self.infos = dict(infos)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.device_of: dict[str, torch.device] = {}
         self._in_memory = dict(in_memory or {})
 
     @classmethod
@@ -97,8 +100,9 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         info = self.infos[name]
         dtype = self.dtype if self.dtype is not None and info.dtype.is_floating_point else info.dtype
+        device = self.device_of.get(name, self.device)
         if info.file is None:
-            return self._in_memory[name].to(self.device, dtype)
+            return self._in_memory[name].to(device, dtype)
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -107,7 +111,12 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot read tensor {name!r} from {info.file}: {e}") from e
         # copy=True: the result never shares the shard's memory map, which closes with `stored`
-        return stored.to(self.device, dtype, copy=True)
+        return stored.to(device, dtype, copy=True)
+
+    def traced(self) -> "TracedTensors":
+        """The same names as shapes only: meta tensors that record which checkpoint tensors each
+        result of a conversion was computed from (nothing is read)."""
+        return TracedTensors(self)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.infos)
@@ -138,6 +147,69 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             i.numel * (self.dtype if self.dtype is not None and i.dtype.is_floating_point else i.dtype).itemsize
             for i in self.infos.values()
         )
+
+
+class Traced(torch.Tensor):
+    """A tensor that carries ``sources``: the checkpoint names it was computed from (every torch
+    operation unions its operands' sources). On the meta device ``torch.equal`` answers True: a
+    conversion's consistency checks pass on shapes, and the real conversion makes them."""
+
+    sources: frozenset[str] = frozenset()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        from torch.utils._pytree import tree_map
+
+        if func is torch.equal and any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
+            return True
+        found: set[str] = set()
+
+        def collect(x):
+            if isinstance(x, Traced):
+                found.update(x.sources)
+            return x
+
+        tree_map(collect, (args, kwargs or {}))
+        result = super().__torch_function__(func, types, args, kwargs or {})
+        sources = frozenset(found)
+
+        def tag(x):
+            if isinstance(x, Traced):
+                x.sources = sources
+            return x
+
+        return tree_map(tag, result)
+
+
+class TracedTensors(Mapping[str, torch.Tensor]):
+    """``LazyTensors`` as ``Traced`` meta tensors of the converted dtype (see ``LazyTensors.traced``);
+    tensors of at most ``SMALL`` elements are read (on the CPU), for the checks conversions make
+    on values (e.g. a stored RoPE table)."""
+
+    SMALL = 2**16
+
+    def __init__(self, lazy: LazyTensors) -> None:
+        self.lazy = lazy
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        info = self.lazy.infos[name]
+        dtype = self.lazy.dtype if self.lazy.dtype is not None and info.dtype.is_floating_point else info.dtype
+        if info.numel <= self.SMALL:
+            real = LazyTensors(self.lazy.infos, "cpu", self.lazy.dtype, self.lazy._in_memory)[name]
+            t = real.as_subclass(Traced)
+        else:
+            t = torch.empty(info.shape, dtype=dtype, device="meta").as_subclass(Traced)
+        t.sources = frozenset({name})
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.lazy.infos)
+
+    def __len__(self) -> int:
+        return len(self.lazy.infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.lazy.infos
 
 
 def available_bytes(device: torch.device | str) -> int | None:
