@@ -1,7 +1,9 @@
 """Every GPU check in one short run: parity, hooks, bf16, patching, generation, placement, timings.
 
     python benchmarks/gpu_checks.py                       # on cuda, every check, within 240 s
-    python benchmarks/gpu_checks.py --device cpu          # the same checks on the CPU (a smoke run)
+    python benchmarks/gpu_checks.py --device cpu --d-model 128 --steps 2 --seq 32 --batch 1
+                                                          # the same checks on the CPU (a smoke run, ~5 s;
+                                                          # the GPU-sized timing model takes minutes there)
     python benchmarks/gpu_checks.py --time-limit 120 --json-out gpu.jsonl
 
 Prints one JSON object per line (``{"check": ..., "ok": ..., figures}``) and writes them to
@@ -109,11 +111,15 @@ def check_env(device: str) -> dict:
             "memory_gib": [round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1) for i in range(len(gpus))]}
 
 
-def check_fixture_parity(folder: Path, device: str) -> dict:
+def fixture_pair(folder: Path, device: str) -> tuple:
+    """The fixture's model on ``device`` and on the CPU, its expected outputs, and the inputs for each."""
     on_device, expected = load_fixture(folder, device=device)
     on_cpu, _ = load_fixture(folder)
-    tokens, kw = fixture_inputs(expected, device)
-    tokens_cpu, kw_cpu = fixture_inputs(expected, "cpu")
+    return on_device, on_cpu, expected, fixture_inputs(expected, device), fixture_inputs(expected, "cpu")
+
+
+def check_fixture_parity(folder: Path, device: str) -> dict:
+    on_device, on_cpu, expected, (tokens, kw), (tokens_cpu, kw_cpu) = fixture_pair(folder, device)
     with torch.no_grad():
         logits = on_device(tokens, **kw)
         cpu = on_cpu(tokens_cpu, **kw_cpu)
@@ -123,10 +129,7 @@ def check_fixture_parity(folder: Path, device: str) -> dict:
 
 
 def check_hooks_cache(folder: Path, device: str) -> dict:
-    model, expected = load_fixture(folder, device=device)
-    on_cpu, _ = load_fixture(folder)
-    tokens, kw = fixture_inputs(expected, device)
-    tokens_cpu, kw_cpu = fixture_inputs(expected, "cpu")
+    model, on_cpu, expected, (tokens, kw), (tokens_cpu, kw_cpu) = fixture_pair(folder, device)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, **kw)
         _, cache_cpu = on_cpu.run_with_cache(tokens_cpu, **kw_cpu)
