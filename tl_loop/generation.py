@@ -433,7 +433,22 @@ def generate(
     return_details: bool = False,
     force: bool = False,
 ) -> Any:
-    """Sample tokens (``HookedLoopedTransformer.generate``; see its docstring)."""
+    """Sample tokens as TransformerLens's ``generate`` (same arguments and defaults), with
+    per-step KV caches (``use_past_kv_cache``) and, as keywords:
+
+    * ``n_steps``: the recurrence depth for this call (hooks are named at it);
+    * ``exit``: a per-token exit rule from ``tl_loop.exits`` (or ``"entropy_diff:0.01"``);
+      None keeps the family's read-out (Ouro: its exit gate at the configured threshold);
+    * ``init_state``: ``"zeros"``, a tensor ``[batch, P + max_new_tokens - 1, d_model]``
+      (the initial state of every position the decoding runs), or None (the family's rule);
+    * ``continuous_compute``: each new token starts from the previous token's final state;
+    * ``attention_mask`` (left padding), ``fwd_hooks`` (fire during decoding, on the new
+      positions of each call), ``force``;
+    * ``return_details=True``: a ``tl_loop.generation.GenerationResult`` (``.tokens``,
+      ``.logits``, ``.exit_step``, ``.replay(model)`` ...).
+
+    See this module's docstring for each family's cache and exit semantics.
+    """
     if return_type not in ("input", "str", "tokens", None):
         raise InputError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:

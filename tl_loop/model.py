@@ -51,6 +51,7 @@ from tl_loop.config import LoopedConfig
 from tl_loop.devices import PlacementMixin
 from tl_loop.errors import InputError, ModelInUseError
 from tl_loop.execution import Forward
+from tl_loop.generation import generate as _generate
 from tl_loop.program import Program, RunFrame
 from tl_loop.schedule import Schedule
 from tl_loop.splice import attach_splices, check_splice, detached_site_points
@@ -979,45 +980,8 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         return frame
 
     # ------------------------------------------------------------------ generation
-    def generate(
-        self,
-        input: Any = "",
-        max_new_tokens: int = 10,
-        stop_at_eos: bool = True,
-        eos_token_id: int | list[int] | None = None,
-        do_sample: bool = True,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        temperature: float = 1.0,
-        freq_penalty: float = 0.0,
-        use_past_kv_cache: bool = True,
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] | None = None,
-        return_type: Literal["input", "str", "tokens"] | None = "input",
-        verbose: bool = True,
-        **options: Any,
-    ) -> Any:
-        """Sample tokens as TransformerLens's ``generate`` (same arguments and defaults), with
-        per-step KV caches (``use_past_kv_cache``) and, as keywords:
-
-        * ``n_steps``: the recurrence depth for this call (hooks are named at it);
-        * ``exit``: a per-token exit rule from ``tl_loop.exits`` (or ``"entropy_diff:0.01"``);
-          None keeps the family's read-out (Ouro: its exit gate at the configured threshold);
-        * ``init_state``: ``"zeros"``, a tensor ``[batch, P + max_new_tokens - 1, d_model]``
-          (the initial state of every position the decoding runs), or None (the family's rule);
-        * ``continuous_compute``: each new token starts from the previous token's final state;
-        * ``attention_mask`` (left padding), ``fwd_hooks`` (fire during decoding, on the new
-          positions of each call), ``force``;
-        * ``return_details=True``: a ``tl_loop.generation.GenerationResult`` (``.tokens``,
-          ``.logits``, ``.exit_step``, ``.replay(model)`` ...).
-
-        See ``tl_loop.generation`` for each family's cache and exit semantics.
-        """
-        from tl_loop.generation import generate
-
-        return generate(self, input, max_new_tokens, stop_at_eos, eos_token_id, do_sample, top_k, top_p,
-                        temperature, freq_penalty, use_past_kv_cache, prepend_bos, padding_side, return_type,
-                        verbose, **options)
+    #: ``tl_loop.generation.generate`` as a method: TransformerLens's arguments plus the loop's.
+    generate = _generate
 
     # ------------------------------------------------------------------ per-step read-outs
     def step_logits(self, tokens: Any, **forward_kwargs: Any) -> Float[torch.Tensor, "step batch pos d_vocab"]:
