@@ -40,6 +40,7 @@ takes it, e.g. ``{0: "40GiB", 1: "40GiB"}``) over the units in execution order, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Mapping
@@ -151,11 +152,11 @@ def expand_device_map(units: Mapping[str, nn.Module], device_map: Mapping[str, A
     resolved: dict[str, Any] = {}
     missing = []
     for unit in units:
-        keys = [k for k in device_map if _covers(k, unit)]
-        if not keys:
+        key = _most_specific(device_map, unit)
+        if key is None:
             missing.append(unit)
             continue
-        resolved[unit] = device_map[max(keys, key=len)]
+        resolved[unit] = device_map[key]
     if missing:
         raise InputError(f"device_map places no device for {missing}; add them (or a prefix such as 'core', "
                          "or '' for the rest)")
@@ -164,6 +165,11 @@ def expand_device_map(units: Mapping[str, nn.Module], device_map: Mapping[str, A
 
 def _covers(key: str, unit: str) -> bool:
     return key == "" or unit == key or unit.startswith(key + ".")
+
+
+def _most_specific(device_map: Mapping[str, Any], unit: str) -> str | None:
+    """The longest key of ``device_map`` that covers ``unit`` (None: no key does)."""
+    return max((k for k in device_map if _covers(k, unit)), key=len, default=None)
 
 
 def _infer(model: Any, units: Mapping[str, nn.Module], strategy: str, max_memory: Any) -> dict[str, Any]:
@@ -184,10 +190,10 @@ def _infer(model: Any, units: Mapping[str, nn.Module], strategy: str, max_memory
     by_attr = {name.replace(".", "_"): name for name in units}
     resolved = {}
     for unit_attr, unit in by_attr.items():
-        keys = [k for k in found if k == "" or unit_attr == k or unit_attr.startswith(k + ".")]
-        if not keys:
+        key = _most_specific(found, unit_attr)
+        if key is None:
             raise InputError(f"accelerate placed no device for {unit!r} (max_memory={max_memory!r})")
-        value = found[max(keys, key=len)]
+        value = found[key]
         if value == "disk":
             raise InputError(f"the weights do not fit max_memory={max_memory!r}: accelerate would offload {unit!r} "
                              "to disk, which tl_loop does not do; give more memory or more devices")
@@ -339,8 +345,6 @@ class ContextMover:
         return hit[1]
 
     def context(self, context: Any, device: torch.device) -> Any:
-        import dataclasses
-
         key = (id(context), str(device))
         hit = self._contexts.get(key)
         if hit is not None and hit[0] is context:
