@@ -97,9 +97,13 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         infos = {k: TensorInfo(None, t.dtype, tuple(t.shape)) for k, t in tensors.items()}
         return cls(infos, in_memory=tensors, **kwargs)
 
+    def dtype_of(self, info: TensorInfo) -> torch.dtype:
+        """The dtype a stored tensor is read as: ``dtype`` for floating tensors, else its own."""
+        return self.dtype if self.dtype is not None and info.dtype.is_floating_point else info.dtype
+
     def __getitem__(self, name: str) -> torch.Tensor:
         info = self.infos[name]
-        dtype = self.dtype if self.dtype is not None and info.dtype.is_floating_point else info.dtype
+        dtype = self.dtype_of(info)
         device = self.device_of.get(name, self.device)
         if info.file is None:
             return self._in_memory[name].to(device, dtype)
@@ -190,13 +194,13 @@ class TracedTensors(Mapping[str, torch.Tensor]):
 
     def __init__(self, lazy: LazyTensors) -> None:
         self.lazy = lazy
+        self._host = LazyTensors(lazy.infos, "cpu", lazy.dtype, lazy._in_memory)  # reads the small ones
 
     def __getitem__(self, name: str) -> torch.Tensor:
         info = self.lazy.infos[name]
-        dtype = self.lazy.dtype if self.lazy.dtype is not None and info.dtype.is_floating_point else info.dtype
+        dtype = self.lazy.dtype_of(info)
         if info.numel <= self.SMALL:
-            real = LazyTensors(self.lazy.infos, "cpu", self.lazy.dtype, self.lazy._in_memory)[name]
-            t = real.as_subclass(Traced)
+            t = self._host[name].as_subclass(Traced)
         else:
             t = torch.empty(info.shape, dtype=dtype, device="meta").as_subclass(Traced)
         t.sources = frozenset({name})
