@@ -208,7 +208,7 @@ def _replay(calls: list[tuple]) -> float:
 def measure_forward(folder: Path, dtype: str, seq: int, repeats: int, steps: int = 0) -> dict:
     model = _load(folder, dtype)
     if steps:
-        model.cfg.n_steps = steps
+        model.set_n_steps(steps, force=True)  # hook points, schedule and program follow
     tokens = _tokens(model, seq)
     times, floors = [], []
     with torch.inference_mode():
