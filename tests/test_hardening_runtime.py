@@ -10,6 +10,7 @@ import torch
 from conftest import make_model
 
 from tl_loop import InputError, ModelInUseError
+from tl_loop.patching import get_act_patch_resid_pre_batched
 
 TOKENS = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(0))
 
@@ -37,8 +38,11 @@ def hold_model(model, entered: threading.Event, release: threading.Event) -> thr
     lambda m: m.step_logits(TOKENS),
     lambda m: m.add_hook("hook_embed", lambda x, hook: x),
     lambda m: m.run_to_layer(TOKENS, 2),
+    lambda m: m.generate(TOKENS, max_new_tokens=2, do_sample=False, stop_at_eos=False, verbose=False),
+    lambda m: get_act_patch_resid_pre_batched(m, TOKENS, m.run_with_cache(TOKENS)[1], lambda x: x.sum(),
+                                              verbose=False),
 ], ids=["forward", "forward_n_steps", "run_with_cache", "run_with_hooks", "set_n_steps", "step_logits",
-        "add_hook", "run_to_layer"])
+        "add_hook", "run_to_layer", "generate", "batched_sweep"])
 def test_a_second_thread_gets_a_clear_error_while_the_model_runs(call):
     model = make_model("huginn_like")
     expected = model(TOKENS)
@@ -52,6 +56,53 @@ def test_a_second_thread_gets_a_clear_error_while_the_model_runs(call):
         holder.join(20)
     assert model.cfg.n_steps == 3 and not model._any_hooks_attached()
     torch.testing.assert_close(model(TOKENS), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m(TOKENS, n_steps=1),
+    lambda m: m.run_to_layer(TOKENS, 4),
+    lambda m: m.generate(TOKENS, max_new_tokens=2, do_sample=False, stop_at_eos=False, verbose=False),
+], ids=["forward", "run_to_layer", "generate"])
+def test_a_call_never_mixes_its_depth_with_a_thread_leaving_steps(call, monkeypatch):
+    """The collision behind a rare wrong answer: thread B is inside ``steps(1)``, thread A asks for
+    one step, sees the depth already at 1, and B leaves (back to 3 steps) before A's pass starts
+    (or A reads layer numbers, or decodes, while B's depth is in place). A call holds the model
+    from its first look at the depth, so A is refused (or right), never run at B's depth."""
+    model = make_model("ouro_like")
+    expected = call(model)
+    entered, release, left = threading.Event(), threading.Event(), threading.Event()
+
+    def hold():
+        with model.steps(1):
+            entered.set()
+            release.wait(20)
+        left.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert entered.wait(20)
+    check = model._check_no_hidden_hooks
+
+    def let_the_holder_leave():  # runs between a call's depth check and its pass
+        release.set()
+        assert left.wait(20)
+        check()
+
+    monkeypatch.setattr(model, "_check_no_hidden_hooks", let_the_holder_leave)
+    try:
+        out = call(model)
+    except ModelInUseError:
+        out = None
+    finally:
+        release.set()
+        holder.join(20)
+    assert out is None or _same(out, expected)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return all(torch.equal(x, y) for x, y in zip((a.x, a.state), (b.x, b.state)))
 
 
 def test_concurrent_calls_are_correct_or_refused_never_wrong():

@@ -46,6 +46,7 @@ from tl_loop.errors import InputError, UnsupportedError
 from tl_loop.execution import Forward, HookFree
 from tl_loop.exits import ExitRule, Probe
 from tl_loop.program import Block, ExitGate, LeaveLoop, Op, Program, RunFrame, StateIn, StateOut, StepOp
+from tl_loop.threads import exclusive
 
 
 # ---------------------------------------------------------------------------- KV cache
@@ -406,6 +407,7 @@ def _resolve_init(
 
 
 # ---------------------------------------------------------------------------- generate
+@exclusive
 @torch.no_grad()
 def generate(
     model: Any,
@@ -587,6 +589,7 @@ class _NoBar:
 
 
 # ---------------------------------------------------------------------------- ragged replay
+@exclusive
 @torch.no_grad()
 def replay(
     model: Any, result: GenerationResult, names_filter: Any = None, fwd_hooks: Sequence = ()

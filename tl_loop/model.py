@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import difflib
-import functools
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -49,55 +46,16 @@ from tl_loop.components.rotary import RotaryTables, rotary_inv_freq, rotary_tabl
 from tl_loop.components.base import all_hook_points
 from tl_loop.config import LoopedConfig
 from tl_loop.devices import PlacementMixin
-from tl_loop.errors import InputError, ModelInUseError
+from tl_loop.errors import InputError
 from tl_loop.execution import Forward
 from tl_loop.generation import generate as _generate
 from tl_loop.program import Program, RunFrame
-from tl_loop.schedule import Schedule
 from tl_loop.splice import attach_splices, check_splice, detached_site_points
+from tl_loop.threads import CallGuard, exclusive
 from tl_loop.weight_processing import WeightProcessingMixin
 
 ReturnType = Literal["logits", "loss", "both"] | None
-
-
-class _CallGuard:
-    """The thread rule: one thread at a time runs a model. Its views, hooks and depth are shared
-    mutable state, so a call from a second thread while one is inside the model raises
-    ``ModelInUseError`` instead of computing with the other call's depth or hooks. Re-entrant
-    within a thread (the forward pass calls itself through ``steps()``); a fresh guard on copy."""
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-
-    def __deepcopy__(self, memo: dict) -> "_CallGuard":
-        return _CallGuard()
-
-    def __reduce__(self) -> tuple:
-        return (_CallGuard, ())
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        if not self._lock.acquire(blocking=False):
-            raise ModelInUseError(
-                "the model is in use by another thread: a HookedLoopedTransformer runs one call at a time "
-                "(its hooks and depth are shared); give each thread its own copy (copy.deepcopy(model)) "
-                "or serialise the calls with a lock"
-            )
-        try:
-            yield
-        finally:
-            self._lock.release()
-
-
-def _exclusive(method: Callable) -> Callable:
-    """Run ``method`` under the model's thread guard (see ``_CallGuard``)."""
-
-    @functools.wraps(method)
-    def wrapper(self: "HookedLoopedTransformer", *args: Any, **kwargs: Any) -> Any:
-        with self._guard():
-            return method(self, *args, **kwargs)
-
-    return wrapper
+_CallGuard = CallGuard  # the name models pickled before tl_loop.threads refer to
 
 
 class _Views(nn.Module):
@@ -142,7 +100,7 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         self, cfg: LoopedConfig, tokenizer: Any = None, init_weights: bool = True, seed: int | None = None
     ) -> None:
         super().__init__()
-        self._guard = _CallGuard()
+        self._guard = CallGuard()
         if not isinstance(cfg, LoopedConfig):
             raise InputError(f"cfg must be a LoopedConfig, got {type(cfg).__name__}")
         cfg = copy.deepcopy(cfg)  # the model owns its config: nothing it does changes the caller's
@@ -260,9 +218,10 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         at its current depth, else hook-free views (the last depth asked for is kept)."""
         if n_steps == self.cfg.n_steps:
             return self
-        if self._detached is None or self._detached[0] != n_steps:
-            self._detached = (n_steps, _Views(self, n_steps))
-        return self._detached[1]
+        detached = self._detached  # read once: another thread may replace it meanwhile
+        if detached is None or detached[0] != n_steps:
+            detached = self._detached = (n_steps, _Views(self, n_steps))
+        return detached[1]
 
     def _hook_free_modules(self) -> dict[str, nn.Module]:
         """Hook-free views of every physical block and of the loop / final norms (built once,
@@ -293,7 +252,7 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
             )
         return n_steps
 
-    @_exclusive
+    @exclusive
     def set_n_steps(self, n_steps: int, force: bool = False) -> None:
         """Change the default number of steps. Hook points, ``cfg.n_layers``, ``schedule`` and
         ``program`` follow; weights are not copied. Hooks stay bound to their names: a hook on a
@@ -335,7 +294,7 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
             )
 
     # ------------------------------------------------------------------ TL verbs
-    @_exclusive
+    @exclusive
     def run_with_hooks(self, *model_args: Any, n_steps: int | None = None, force: bool = False, **kwargs: Any):  # type: ignore[override]
         """As ``HookedRootModule.run_with_hooks``; ``n_steps=`` runs (and names hooks) at that depth."""
         if n_steps is None:
@@ -343,7 +302,7 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         with self.steps(n_steps, force):
             return super().run_with_hooks(*model_args, **kwargs)
 
-    @_exclusive
+    @exclusive
     def run_with_cache(  # type: ignore[override]
         self, *model_args: Any, n_steps: int | None = None, force: bool = False, return_cache_object: bool = True, **kwargs: Any
     ):
@@ -455,7 +414,7 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
     def check_hooks_to_add(self, hook_point, hook_point_name, hook, dir="fwd", is_permanent=False, prepend=False) -> None:  # type: ignore[override]
         return None
 
-    @_exclusive
+    @exclusive
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:  # type: ignore[override]
         if isinstance(name, str) and name not in self.hook_dict:
             raise InputError(
@@ -806,6 +765,7 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         nn.init.trunc_normal_(x, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=gen)
         return (x * self.cfg.state_init_scale).to(like.dtype)
 
+    @exclusive
     def forward(
         self,
         input: Int[torch.Tensor, "batch pos"] | Float[torch.Tensor, "batch pos d_model"] | str | list[str],
@@ -907,6 +867,7 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         loss = lm_cross_entropy_loss(logits, tokens, attention_mask=attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
+    @exclusive
     def run_to_layer(
         self,
         input: Any,
@@ -949,7 +910,7 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         return RunFrame(layer, x=input, state=state, inner_state=inner_state, prelude_out=prelude_out,
                         source=prelude_out)
 
-    @_exclusive
+    @exclusive
     def _execute(
         self,
         tokens: torch.Tensor | None,

@@ -51,6 +51,7 @@ from tl_loop.cache import ModelAtSteps
 from tl_loop.errors import InputError
 from tl_loop.hook_names import block_hook
 from tl_loop.schedule import Schedule
+from tl_loop.threads import exclusive
 
 __all__ = [
     "ablate_cycle_hooks",
@@ -591,6 +592,7 @@ def _sweep(
     return out.reshape(*axis_sizes, *out.shape[1:])
 
 
+@exclusive
 def get_act_patch_cycle(
     model: Any,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
@@ -658,6 +660,7 @@ def _cycle_plan(
     return depth, sizes, hooks_for
 
 
+@exclusive
 def get_act_patch_state(
     model: Any,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
@@ -777,6 +780,7 @@ def _setter_hook(patch_setter: Callable[..., torch.Tensor], index: list[int], cl
     return patch_setter(activation, index, clean)
 
 
+@exclusive
 def generic_activation_patch_batched(
     model: Any,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
@@ -915,6 +919,7 @@ def generic_activation_patch_batched(
 def _tl_sweep(name: str, setter: str, activation: str, axes: tuple[str, ...], shape: str) -> Callable[..., Any]:
     """The batched twin of ``transformer_lens.patching.<name>`` (a partial of its generic sweep)."""
 
+    @exclusive
     def sweep(
         model: Any,
         corrupted_tokens: Int[torch.Tensor, "batch pos"],
@@ -1034,6 +1039,7 @@ def _stack_every(results: list[Any], axis_order: tuple[str, ...], n_heads: int, 
 
 def _every_sweep(name: str, parts: tuple[Callable[..., Any], ...], axes: tuple[tuple[str, ...], ...],
                  axis_order: tuple[str, ...], type_names: tuple[str, ...], shape: str) -> Callable[..., Any]:
+    @exclusive
     def sweep(
         model: Any,
         corrupted_tokens: Int[torch.Tensor, "batch pos"],
@@ -1104,6 +1110,7 @@ def _sweep_batched(
     return out.reshape(*axis_sizes, *out.shape[1:])
 
 
+@exclusive
 def get_act_patch_cycle_batched(
     model: Any,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],
@@ -1138,6 +1145,7 @@ def get_act_patch_cycle_batched(
                           "get_act_patch_cycle_batched")
 
 
+@exclusive
 def get_act_patch_state_batched(
     model: Any,
     corrupted_tokens: Int[torch.Tensor, "batch pos"],

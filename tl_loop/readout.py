@@ -19,8 +19,10 @@ from jaxtyping import Bool, Float
 from tl_loop.errors import InputError, UnsupportedError
 from tl_loop.execution import HookFree
 from tl_loop.program import RunFrame
+from tl_loop.threads import exclusive
 
 
+@exclusive
 def read_out(
     model: Any,
     states: Float[torch.Tensor, "... pos d_model"],
@@ -50,6 +52,7 @@ def step_end_hook_names(model: Any) -> list[str]:
     return [f"blocks.{sched.index(r, last)}.hook_resid_post" for r in range(sched.n_steps)]
 
 
+@exclusive
 def step_states(model: Any, tokens: Any, **forward_kwargs: Any) -> Float[torch.Tensor, "step batch pos d_model"]:
     """The recurrent state at the end of every step (before the loop norm), ``[n_steps, ...]``."""
     n_steps = forward_kwargs.pop("n_steps", None)
@@ -63,6 +66,7 @@ def step_states(model: Any, tokens: Any, **forward_kwargs: Any) -> Float[torch.T
         return torch.stack([cache[n] for n in names])
 
 
+@exclusive
 @torch.no_grad()
 def step_logits(model: Any, tokens: Any, **forward_kwargs: Any) -> Float[torch.Tensor, "step batch pos d_vocab"]:
     """Logits when leaving the loop after each step, ``[n_steps, batch, pos, d_vocab]``."""
@@ -74,6 +78,7 @@ def step_logits(model: Any, tokens: Any, **forward_kwargs: Any) -> Float[torch.T
     return read_out(model, states, mask)
 
 
+@exclusive
 def exit_gate_logits(model: Any, tokens: Any, **forward_kwargs: Any) -> Float[torch.Tensor, "step batch pos"]:
     """The exit gate's logit after every step, ``[n_steps, batch, pos]``."""
     if not model.cfg.exit_gate:
@@ -106,12 +111,14 @@ def exit_pdf(gate_logits: Float[torch.Tensor, "step ..."]) -> Float[torch.Tensor
     return torch.stack(pdf)
 
 
+@exclusive
 @torch.no_grad()
 def exit_probabilities(model: Any, tokens: Any, **forward_kwargs: Any) -> Float[torch.Tensor, "step batch pos"]:
     """Per-step exit probabilities ``[n_steps, batch, pos]`` (sum to 1 over steps)."""
     return exit_pdf(exit_gate_logits(model, tokens, **forward_kwargs))
 
 
+@exclusive
 @torch.no_grad()
 def threshold_exit_logits(
     model: Any, tokens: Any, threshold: float | None = None, **forward_kwargs: Any

@@ -19,8 +19,10 @@ import torch
 from jaxtyping import Float
 
 from tl_loop.errors import InputError
+from tl_loop.threads import exclusive
 
 
+@exclusive
 @torch.no_grad()
 def step_activations(
     model: Any, tokens: Any, hook: str = "hook_resid_post", layer_in_cycle: int = 0, **forward_kwargs: Any

@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float
 
 from tl_loop.errors import UnsupportedError
+from tl_loop.threads import exclusive
 
 #: TransformerLens result labels that carry an effective layer: ``L{i}H{h}`` and ``{i}_{what}``.
 _LABEL = re.compile(r"^(?:L(?P<l>\d+)H(?P<h>\d+)|(?P<layer>\d+)_(?P<rest>\w+))$")
@@ -132,6 +133,7 @@ def require_additive_residual(model: Any, tool: str) -> None:
         )
 
 
+@exclusive
 def attribution_patch(model: Any, clean: Any, corrupt: Any, metric_fn: Any, config: Any = None) -> Any:
     """``transformer_lens.tools.analysis.attribution_patch``, refusing edge granularity where
     the looped layout is not a sum of writers (node granularity runs on every layout)."""
@@ -144,6 +146,7 @@ def attribution_patch(model: Any, clean: Any, corrupt: Any, metric_fn: Any, conf
     return tl_attribution_patch(model, clean, corrupt, metric_fn, config)
 
 
+@exclusive
 def faithfulness(model: Any, clean: Any, corrupt: Any, metric_fn: Any, circuit: Any, config: Any = None, **kwargs: Any) -> Any:
     """``transformer_lens.tools.analysis.faithfulness``, refused where the looped layout is not a
     sum of writers (it ablates edges by rebuilding each reader's input from the writers)."""
@@ -154,6 +157,7 @@ def faithfulness(model: Any, clean: Any, corrupt: Any, metric_fn: Any, circuit: 
     return tl_faithfulness(model, clean, corrupt, metric_fn, circuit, FaithfulnessConfig() if config is None else config, **kwargs)
 
 
+@exclusive
 def get_act_patch_direct_path(model: Any, *args: Any, **kwargs: Any) -> Float[torch.Tensor, "n_layers n_heads"]:
     """``transformer_lens.patching.get_act_patch_direct_path``, refused where the looped layout
     is not a sum of writers (it adds a head's write to a later head's pre-norm input)."""

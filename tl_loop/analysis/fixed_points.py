@@ -38,11 +38,13 @@ from jaxtyping import Float
 
 from tl_loop.analysis._common import Metric, cosine_similarity, vector_distance
 from tl_loop.hook_names import block_hook
+from tl_loop.threads import exclusive
 
 LIMITING_CLASSES: tuple[str, ...] = ("fixed_point", "orbit", "slider", "unknown")
 FIXED_POINT, ORBIT, SLIDER, UNKNOWN = range(4)
 
 
+@exclusive
 @torch.no_grad()
 def approximate_fixed_points(
     model: Any, tokens: Any, ref_steps: int = 128, name: str = "resid_post", **forward_kwargs: Any
@@ -74,6 +76,7 @@ def approximate_fixed_points(
     return torch.stack([cache[n] for n in names])
 
 
+@exclusive
 @torch.no_grad()
 def distance_to_fixed_point(
     model: Any,
@@ -243,6 +246,7 @@ def classify_limiting_behaviour(
     return LimitingBehaviour(codes, c, tau, rho)
 
 
+@exclusive
 @torch.no_grad()
 def limiting_behaviour(
     model: Any,

@@ -42,6 +42,7 @@ from tl_loop.analysis.paper_metrics import matrix_entropy
 from tl_loop.analysis.stages import STAGE_FIELDS, InferenceStages, layer_labels, layer_stage_stats, logit_lens
 from tl_loop.hook_names import block_hook
 from tl_loop.schedule import Schedule
+from tl_loop.threads import exclusive
 
 Hook = tuple[str, Callable[..., None]]
 
@@ -294,6 +295,7 @@ class InferenceStagesReducer(Reducer):
         return InferenceStages(labels=self.labels, **fields)
 
 
+@exclusive
 @torch.no_grad()
 def run_streaming(
     model: Any, tokens: Any, *reducers: Reducer, n_steps: int | None = None, **forward_kwargs: Any
@@ -329,6 +331,7 @@ def run_streaming(
     return results[0] if len(results) == 1 else results
 
 
+@exclusive
 @torch.no_grad()
 def streaming_inference_stages(
     model: Any,
