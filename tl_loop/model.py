@@ -459,6 +459,7 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         )
 
     # ------------------------------------------------------------------ placement over devices
+    @exclusive
     def place(
         self, device_map: str | dict[str, Any] = "auto", max_memory: dict[Any, int | str] | None = None
     ) -> "HookedLoopedTransformer":
@@ -475,8 +476,7 @@ class HookedLoopedTransformer(PlacementMixin, WeightProcessingMixin, HookedRootM
         ``model.to(device)`` gathers everything again. See ``tl_loop.placement``."""
         from tl_loop.placement import place
 
-        with self._guard():
-            return place(self, device_map, max_memory)
+        return place(self, device_map, max_memory)
 
     @property
     def device_map(self) -> dict[str, str]:

@@ -340,7 +340,7 @@ class HookedAttention(WeightView):
         bias = context.bias(qh.shape[2], kh.shape[2], key_valid, qh.dtype, qh.device)
         causal = {"is_causal": True} if bias is None else {"attn_mask": bias}
         if cfg.n_groups > 1 and not _SDPA_HAS_GQA:
-            kh, vh = kh.repeat_interleave(cfg.n_groups, 1), vh.repeat_interleave(cfg.n_groups, 1)
+            kh, vh = self._every_head(kh), self._every_head(vh)
         extra = {"enable_gqa": True} if cfg.n_groups > 1 and _SDPA_HAS_GQA else {}
         return F.scaled_dot_product_attention(qh, kh, vh, scale=scale, **causal, **extra)
 
@@ -363,7 +363,7 @@ class HookedAttention(WeightView):
         batch, _, n_pos, _ = qh.shape
         n_keys = kh.shape[2]
         dtype = torch.promote_types(qh.dtype, torch.float32)
-        kh_full = kh.repeat_interleave(cfg.n_groups, dim=1) if cfg.n_groups > 1 else kh
+        kh_full = self._every_head(kh)
         # scale * q k^T + mask (0 / -inf) in one batched GEMM: the same values as
         # (q @ k^T) * scale followed by masked_fill, without two more passes over the scores.
         heads = batch * cfg.n_heads
@@ -395,10 +395,13 @@ class HookedAttention(WeightView):
     ) -> Float[torch.Tensor, "batch head query_pos d_head"]:
         """``pattern @ v``, accumulated in float32 at least and cast back once (as the fused
         kernel does)."""
-        cfg = self.cfg
-        vh_full = vh.repeat_interleave(cfg.n_groups, dim=1) if cfg.n_groups > 1 else vh
+        vh_full = self._every_head(vh)
         dtype = torch.promote_types(torch.promote_types(pattern.dtype, vh.dtype), torch.float32)
         return torch.matmul(pattern.to(dtype), vh_full.to(dtype)).to(vh.dtype)
+
+    def _every_head(self, t: Float[torch.Tensor, "batch kv_head pos d"]) -> Float[torch.Tensor, "batch head pos d"]:
+        """Keys or values repeated for every query head (GQA); unchanged without groups."""
+        return t.repeat_interleave(self.cfg.n_groups, dim=1) if self.cfg.n_groups > 1 else t
 
     def _gate(self, x: torch.Tensor | tuple[torch.Tensor, ...], batch: int, n_pos: int) -> torch.Tensor:
         """HRM's output gate ``sigmoid(x W_gate)`` per head dim; with per-head inputs each head
